@@ -1,0 +1,70 @@
+"""Which tokens the encoder sees, and which ones the decoder rebuilds.
+
+Every mask here is a bool tensor of shape (B, t*h*w) in the order of the cube embedding's tokens
+(t-major, then h, then w); True means hidden (from the encoder) or, for the decoder mask, not rebuilt.
+All functions are vectorised over the batch and reproducible with an optional torch.Generator.
+Run `python mask.py` to see one of each.
+"""
+import torch
+
+
+def _hide_lowest(noise, num_hidden):
+    """Hide the `num_hidden` entries of smallest noise in each row: an exact count, uniformly at random."""
+    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each entry within its row
+    return rank < num_hidden
+
+
+def tube_mask(batch_size, grid, ratio, generator=None, device=None):
+    """Sec. 3.3 of the paper: tube masking. The same int(ratio*h*w) spatial positions are hidden in every
+    temporal slice, so a hidden patch cannot be copied from its neighbour in time (ratio 0.9: 160 of 1568
+    tokens stay visible for a 16x224x224 clip)."""
+    t, h, w = grid
+    noise = torch.rand(batch_size, h * w, generator=generator, device=device)
+    hidden = _hide_lowest(noise, int(ratio * h * w))  # (B, h*w)
+    return hidden.unsqueeze(1).expand(batch_size, t, h * w).reshape(batch_size, t * h * w)
+
+
+def random_mask(batch_size, grid, ratio, generator=None, device=None):
+    """Per-token random masking (the paper's ablation, Table 1c): int(ratio*t*h*w) tokens hidden per clip."""
+    t, h, w = grid
+    noise = torch.rand(batch_size, t * h * w, generator=generator, device=device)
+    return _hide_lowest(noise, int(ratio * t * h * w))
+
+
+def running_cell_mask(batch_size, grid, ratio=0.5, generator=None, device=None):
+    """VideoMAE V2's decoder mask ("running cell"): True = the decoder does not rebuild this token.
+
+    A 2x2 cell holds int(4*ratio) ones then zeros, read in row-major order; at temporal index i the cell
+    is rolled by i+1 steps from a start chosen per clip, and tiled over the h x w grid. Each token is thus
+    rebuilt in (1-ratio) of the slices, and every slice rebuilds a different, evenly spread subset.
+    """
+    t, h, w = grid
+    if h % 2 or w % 2:
+        raise ValueError(f"running cell mask needs an even token grid, got {h}x{w}")
+    hidden_per_cell = int(4 * ratio)
+    if not 0 < hidden_per_cell < 4:
+        raise ValueError(f"decoder mask ratio {ratio} leaves int(4*ratio)={hidden_per_cell}; use 0.25-0.75")
+    start = torch.randint(0, 4, (batch_size, 1, 1, 1), generator=generator, device=device)
+    ti = torch.arange(t, device=device).view(1, t, 1, 1)
+    cell = (2 * (torch.arange(h, device=device) % 2)).view(1, 1, h, 1) + (torch.arange(w, device=device) % 2)
+    slot = (cell + start + ti + 1) % 4  # position in the rolled cell, (B, t, h, w)
+    return (slot < hidden_per_cell).reshape(batch_size, t * h * w)
+
+
+MASKS = {"tube": tube_mask, "random": random_mask}
+
+
+def show(mask, grid):
+    """One clip's mask as text: a row of t slices, '#' hidden, '.' shown."""
+    t, h, w = grid
+    m = mask.view(t, h, w)
+    return "\n".join("  ".join("".join("#" if v else "." for v in m[i, y]) for i in range(t)) for y in range(h))
+
+
+if __name__ == "__main__":
+    grid, g = (4, 8, 8), torch.Generator().manual_seed(0)
+    for name, mask in [("tube_mask(ratio=0.75)", tube_mask(1, grid, 0.75, g)),
+                       ("random_mask(ratio=0.75)", random_mask(1, grid, 0.75, g)),
+                       ("running_cell_mask(ratio=0.5)  (decoder: '#' not rebuilt)", running_cell_mask(1, grid, 0.5, g))]:
+        print(f"{name}: {grid[0]} temporal slices of {grid[1]}x{grid[2]} tokens, {int(mask.sum())} of {mask.numel()} hidden")
+        print(show(mask[0], grid), end="\n\n")

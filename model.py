@@ -1,0 +1,387 @@
+"""VideoMAE: a ViT encoder that sees ~10% of a clip's tubelets and a small decoder that rebuilds the rest.
+
+VideoMAE  pre-training model (encoder + decoder + loss), names and numerics of the reference code.
+VideoViT  the same encoder over every token, mean pooling and a linear head, for fine-tuning.
+load_checkpoint  weights from this project, the reference code (pre-training or fine-tuned) or HuggingFace.
+"""
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Encoder width/depth/heads and decoder width/depth/heads. Released S and B runs used decoder depth 4.
+PRESETS = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=12, decoder_num_heads=8),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=640, decoder_depth=12, decoder_num_heads=8),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- the paper's math, as pure functions
+
+def sinusoid_table(num_tokens, dim, device=None):
+    """Fixed 1-D sine-cosine positions over the flattened token index: channel j uses the angle
+    pos / 10000^(2*floor(j/2)/dim), sin on even j, cos on odd j. Returns (1, num_tokens, dim)."""
+    pos = torch.arange(num_tokens, dtype=torch.float64, device=device).unsqueeze(1)
+    j = torch.arange(dim, device=device)
+    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)
+    table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float().unsqueeze(0)
+
+
+def patchify(video, tubelet_size, patch_size):
+    """(B, C, T, H, W) -> (B, N, tubelet*patch*patch*C): one row per token, in the cube embedding's token order
+    (t-major, then h, then w), each row's pixels in (t, h, w, c) order, channel fastest."""
+    B, C, T, H, W = video.shape
+    t, h, w = T // tubelet_size, H // patch_size, W // patch_size
+    x = video.reshape(B, C, t, tubelet_size, h, patch_size, w, patch_size)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # (B, t, h, w, pt, ph, pw, C)
+    return x.reshape(B, t * h * w, tubelet_size * patch_size * patch_size * C)
+
+
+def unpatchify(x, grid, tubelet_size, patch_size, channels=3):
+    """Inverse of patchify: (B, N, tubelet*patch*patch*C) -> (B, C, T, H, W)."""
+    (t, h, w), B = grid, x.shape[0]
+    x = x.reshape(B, t, h, w, tubelet_size, patch_size, patch_size, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, t, pt, h, ph, w, pw)
+    return x.reshape(B, channels, t * tubelet_size, h * patch_size, w * patch_size)
+
+
+def reconstruction_target(patches, norm_pix_loss=True, channels=3):
+    """Sec. 3.3: the pixels to rebuild, from patchified ImageNet-normalised tokens (B, n, P*C).
+    The normalisation is undone (pixels in [0, 1]); with norm_pix_loss each token is then normalised per
+    channel over its P pixels: (x - mean) / (unbiased std + 1e-6), as in the reference code."""
+    mean = patches.new_tensor(IMAGENET_MEAN[:channels])
+    std = patches.new_tensor(IMAGENET_STD[:channels])
+    x = patches.unflatten(-1, (-1, channels)) * std + mean  # (B, n, P, C)
+    if norm_pix_loss:
+        x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, keepdim=True).sqrt() + 1e-6)
+    return x.flatten(-2)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop a block's residual branch for a whole sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+def block_flops(num_tokens, dim, mlp_ratio=4.0):
+    """Forward matmul FLOPs of one transformer block on one sequence (2 FLOPs per multiply-add)."""
+    n, d = num_tokens, dim
+    return 2 * n * d * (3 * d + d + 2 * mlp_ratio * d) + 4 * n * n * d
+
+
+# ----------------------------------------------------------------------------- the transformer
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv matrix, learned q and v biases and no k bias."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim^-0.5
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def run_blocks(blocks, x, grad_checkpointing):
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if grad_checkpointing and x.requires_grad else blk(x)
+    return x
+
+
+def init_weights(module, linear_init):
+    """Reference init: Linear by `linear_init` with zero bias, LayerNorm 1/0. Conv3d keeps torch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            linear_init(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Cube embedding: a Conv3d with kernel = stride = (tubelet, patch, patch), one token per tubelet.
+    Since kernel = stride, it is a linear map of each patchified tubelet; applying it to the patchify()
+    rows lets the encoder embed only the visible tubelets and share the patchified clip with the loss."""
+
+    def __init__(self, in_chans, embed_dim, tubelet_size, patch_size):
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
+                              stride=(tubelet_size, patch_size, patch_size))
+
+    def forward(self, patches):  # (B, n, pt*ph*pw*C) in patchify's (t, h, w, c) order -> (B, n, embed_dim)
+        weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, C, pt, ph, pw) -> (D, pt*ph*pw*C)
+        return F.linear(patches, weight, self.proj.bias)
+
+
+class Encoder(nn.Module):
+    """Cube embedding + fixed positions + transformer blocks, over the visible tokens only when given a mask."""
+
+    def __init__(self, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, drop_path_rate=0.0, final_norm=True):
+        super().__init__()
+        for name, size, unit in [("img_size", img_size, patch_size), ("num_frames", num_frames, tubelet_size)]:
+            if size % unit:
+                raise ValueError(f"{name} {size} is not a multiple of the {'patch' if unit == patch_size else 'tubelet'} size {unit}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        self.patch_size, self.tubelet_size, self.in_chans = patch_size, tubelet_size, in_chans
+        self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, tubelet_size, patch_size)
+        self.register_buffer("pos_embed", sinusoid_table(math.prod(self.grid), embed_dim), persistent=False)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # drop path rises linearly over depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rates[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
+        self.grad_checkpointing = False
+
+    def token_grid(self, video):
+        """(t, h, w) token grid of a clip; a clip of another size than built for is fine (see positions)."""
+        _, C, T, H, W = video.shape
+        if C != self.in_chans or T % self.tubelet_size or H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"clip of shape {tuple(video.shape[1:])} does not fit in_chans {self.in_chans}, "
+                             f"tubelet {self.tubelet_size}, patch {self.patch_size}")
+        return T // self.tubelet_size, H // self.patch_size, W // self.patch_size
+
+    def positions(self, num_tokens, table):
+        """The fixed sinusoid table; for clips of another size (e.g. 8 frames or 112 px) it is simply rebuilt for
+        the new number of tokens, as the reference code does: it is not learned, so nothing is lost."""
+        return table if table.shape[1] == num_tokens else sinusoid_table(num_tokens, table.shape[2], table.device)
+
+    def forward(self, patches, mask=None):
+        """patches (B, N, P*C) from patchify; mask (B, N) True = hidden. Returns (B, N_visible, embed_dim)."""
+        B, N, _ = patches.shape
+        pos = self.positions(N, self.pos_embed).expand(B, -1, -1)
+        if mask is not None:  # keep the visible tokens, in their original order
+            patches, pos = patches[~mask].view(B, -1, patches.shape[-1]), pos[~mask].view(B, -1, pos.shape[-1])
+        x = self.patch_embed(patches) + pos  # (B, N_vis, D)
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+
+
+class VideoMAE(nn.Module):
+    """Pre-training model (Fig. 1): an encoder over the visible tokens, a narrow decoder that rebuilds pixels.
+
+    forward(video, mask, decode_mask=None) -> (loss, pred)
+      video (B, 3, T, H, W), ImageNet-normalised; mask (B, N) True = hidden from the encoder;
+      decode_mask (B, N) True = not rebuilt (VideoMAE V2 dual masking); None = rebuild every hidden token.
+      pred (B, N_pred, tubelet*patch*patch*3): the rebuilt tokens in token order, pixels in (t, h, w, c) order.
+      loss: mean squared error against reconstruction_target() over tokens that are hidden and rebuilt.
+    """
+
+    def __init__(self, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=768,
+                 depth=12, num_heads=12, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6,
+                 mlp_ratio=4.0, norm_pix_loss=True, drop_path_rate=0.0):
+        super().__init__()
+        if decoder_embed_dim % decoder_num_heads:
+            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} is not a multiple of decoder_num_heads {decoder_num_heads}")
+        self.norm_pix_loss = norm_pix_loss
+        self.encoder = Encoder(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim, depth,
+                               num_heads, mlp_ratio, drop_path_rate)
+        self.encoder_to_decoder = nn.Linear(embed_dim, decoder_embed_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder = nn.Module()
+        self.decoder.blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
+                                            for _ in range(decoder_depth))
+        self.decoder.norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder.head = nn.Linear(decoder_embed_dim, tubelet_size * patch_size * patch_size * in_chans)
+        self.register_buffer("decoder_pos_embed", sinusoid_table(self.encoder.pos_embed.shape[1], decoder_embed_dim),
+                             persistent=False)
+        init_weights(self, nn.init.xavier_uniform_)  # qkv initialised as one matrix, as in the reference
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, video, mask, decode_mask=None):
+        enc = self.encoder
+        grid = enc.token_grid(video)
+        patches = patchify(video, enc.tubelet_size, enc.patch_size)  # (B, N, P*C), shared by encoder and loss
+        B, N, _ = patches.shape
+        if mask.shape != (B, N):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {B} clips of {N} tokens (grid {grid})")
+        x = self.encoder_to_decoder(enc(patches, mask))  # (B, N_vis, D_dec)
+        rebuild = mask if decode_mask is None else ~decode_mask  # tokens the decoder is asked for
+        pos = enc.positions(N, self.decoder_pos_embed).expand(B, -1, -1)
+        pos_vis = pos[~mask].view(B, -1, pos.shape[-1])
+        pos_rebuild = pos[rebuild].view(B, -1, pos.shape[-1])  # (B, N_pred, D_dec)
+        n_pred = pos_rebuild.shape[1]
+        x = torch.cat([x + pos_vis, self.mask_token + pos_rebuild], dim=1)  # visible tokens, then queries
+        x = run_blocks(self.decoder.blocks, x, enc.grad_checkpointing)
+        pred = self.decoder.head(self.decoder.norm(x[:, -n_pred:]))  # (B, N_pred, P*C)
+
+        with torch.no_grad():
+            target = reconstruction_target(patches[rebuild].view(B, n_pred, -1).float(), self.norm_pix_loss, enc.in_chans)
+        err = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N_pred)
+        if decode_mask is None:
+            loss = err.mean()
+        else:  # V2: visible tokens may be among the rebuilt ones; they are not scored
+            scored = mask[rebuild].view(B, n_pred)
+            loss = (err * scored).sum() / scored.sum().clamp(min=1)
+        return loss, pred
+
+    def flops_per_clip(self, n_visible, n_pred, training=True):
+        """Matmul FLOPs for one clip with n_visible encoder tokens and n_pred decoder queries; x3 for training."""
+        enc, dec = self.encoder, self.decoder
+        d, dd = enc.pos_embed.shape[2], self.mask_token.shape[2]
+        patch_dim = self.decoder.head.out_features
+        f = 2 * n_visible * patch_dim * d + sum(block_flops(n_visible, d, b.mlp.fc1.out_features / d) for b in enc.blocks)
+        f += 2 * n_visible * d * dd + 2 * n_pred * dd * patch_dim
+        f += sum(block_flops(n_visible + n_pred, dd, b.mlp.fc1.out_features / dd) for b in dec.blocks)
+        return 3 * f if training else f
+
+
+class VideoViT(Encoder):
+    """Fine-tuning model: the encoder over all tokens, mean pooling, fc_norm and a linear head."""
+
+    def __init__(self, num_classes=400, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3,
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path_rate=0.0, head_drop_rate=0.0,
+                 init_scale=0.001):
+        super().__init__(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim, depth, num_heads,
+                         mlp_ratio, drop_path_rate, final_norm=False)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes)
+        init_weights(self, lambda w: nn.init.trunc_normal_(w, std=0.02))  # the reference's fine-tuning init
+        with torch.no_grad():
+            self.head.weight.mul_(init_scale)  # a small head: early gradients do not wreck the pre-trained encoder
+            self.head.bias.mul_(init_scale)
+
+    def forward(self, video):
+        self.token_grid(video)
+        x = super().forward(patchify(video, self.tubelet_size, self.patch_size))  # (B, N, D)
+        return self.head(self.head_drop(self.fc_norm(x.mean(dim=1))))  # (B, num_classes)
+
+    def flops_per_clip(self, num_tokens, training=True):
+        d = self.fc_norm.normalized_shape[0]
+        f = 2 * num_tokens * self.patch_embed.proj.weight[0].numel() * d
+        f += sum(block_flops(num_tokens, d, b.mlp.fc1.out_features / d) for b in self.blocks)
+        return 3 * f if training else f
+
+
+def build_model(kind, preset, **kwargs):
+    """VideoMAE ('pretrain') or VideoViT ('finetune') from a preset name, with any constructor argument overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model '{preset}'; choose one of {', '.join(PRESETS)}")
+    if kind == "pretrain":
+        return VideoMAE(**{**PRESETS[preset], **kwargs})
+    sizes = {k: v for k, v in PRESETS[preset].items() if not k.startswith("decoder_")}
+    return VideoViT(**{**sizes, **kwargs})
+
+
+# ----------------------------------------------------------------------------- loading weights people already have
+
+_HF_NAMES = [  # HuggingFace name piece -> reference name piece, inside one transformer layer or at the top
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("attention.attention.q_bias", "attn.q_bias"),
+    ("attention.attention.v_bias", "attn.v_bias"), ("attention.attention.query.bias", "attn.q_bias"),
+    ("attention.attention.value.bias", "attn.v_bias"), ("attention.output.dense.", "attn.proj."),
+    ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."), ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."), ("encoder.layer.", "blocks."), ("decoder.decoder_layers.", "decoder.blocks."),
+    ("layernorm.", "norm."), ("classifier.", "head."),
+]
+_DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
+
+
+def _from_huggingface(sd):
+    """HuggingFace VideoMAE names -> the reference's names; q, k, v matrices stacked into one qkv (rows q, k, v)."""
+    out = {}
+    for key, value in sd.items():
+        key = key.removeprefix("videomae.")
+        for hf, ref in _HF_NAMES:
+            key = key.replace(hf, ref)
+        out[key] = value
+    for key in [k for k in out if k.endswith("attention.attention.query.weight")]:
+        stem = key.removesuffix("attention.attention.query.weight")
+        out[stem + "attn.qkv.weight"] = torch.cat([out.pop(stem + f"attention.attention.{n}.weight")
+                                                   for n in ("query", "key", "value")])
+    return out
+
+
+def _read_state_dict(path_or_state_dict):
+    if not isinstance(path_or_state_dict, (str, bytes)) and not hasattr(path_or_state_dict, "__fspath__"):
+        return dict(path_or_state_dict), "state dict"
+    path = str(path_or_state_dict)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise RuntimeError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
+        return load_file(path), path
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "module", "state_dict"):  # this project / reference pre-training, DeepSpeed, others
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key], path
+    return ckpt, path
+
+
+def load_checkpoint(model, path_or_state_dict, verbose=True):
+    """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
+
+    Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder. names) and
+    fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights (pytorch_model.bin, model.safetensors).
+    A pre-training checkpoint fills a VideoViT's encoder (its decoder is ignored, fc_norm and head start fresh);
+    a head of another class count is dropped. Any other shape mismatch is an error naming the tensor.
+    """
+    sd, source = _read_state_dict(path_or_state_dict)
+    sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+    if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
+        sd = _from_huggingface(sd)
+    # Canonical form: encoder weights under 'encoder.', as in a reference pre-training checkpoint.
+    sd = {k if k.startswith(("encoder.", "fc_norm.", "head.") + _DECODER_KEYS) else "encoder." + k: v
+          for k, v in sd.items() if "pos_embed" not in k}  # fixed positions are rebuilt, never loaded
+    if isinstance(model, VideoViT):
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if not k.startswith(_DECODER_KEYS)}
+        sd.pop("norm.weight", None), sd.pop("norm.bias", None)  # mean pooling uses fc_norm, not the final norm
+    own, notes = model.state_dict(), []
+    if "head.weight" in sd and "head.weight" in own and sd["head.weight"].shape != own["head.weight"].shape:
+        notes.append(f"head for {sd['head.weight'].shape[0]} classes dropped (model has {own['head.weight'].shape[0]})")
+        del sd["head.weight"], sd["head.bias"]
+    for key, value in sd.items():
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(value.shape)} but the model expects "
+                             f"{tuple(own[key].shape)}; was it saved from another model size (--model)?")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if not set(own) & set(sd):
+        raise ValueError(f"{source}: no tensor matches this model; is it a VideoMAE checkpoint?")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if verbose:
+        fresh = [k for k in missing if k.startswith(("fc_norm.", "head."))]
+        print(f"loaded {len(own) - len(missing)}/{len(own)} tensors from {source}"
+              + "".join(f"; {n}" for n in notes)
+              + (f"; starting fresh as expected: {', '.join(fresh)}" if fresh else "")
+              + (f"; MISSING: {', '.join(k for k in missing if k not in fresh)}" if len(missing) > len(fresh) else "")
+              + (f"; ignored: {', '.join(unexpected)}" if unexpected else ""))
+    return missing, unexpected
