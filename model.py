@@ -330,20 +330,20 @@ def _from_huggingface(sd):
 
 
 def _read_state_dict(path_or_state_dict):
-    if not isinstance(path_or_state_dict, (str, bytes)) and not hasattr(path_or_state_dict, "__fspath__"):
-        return dict(path_or_state_dict), "state dict"
-    path = str(path_or_state_dict)
-    if path.endswith(".safetensors"):
+    if isinstance(path_or_state_dict, dict):
+        ckpt, source = path_or_state_dict, "state dict"
+    elif str(path_or_state_dict).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise RuntimeError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
-        return load_file(path), path
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            raise RuntimeError(f"{path_or_state_dict}: reading .safetensors needs `pip install safetensors`") from None
+        ckpt, source = load_file(str(path_or_state_dict)), str(path_or_state_dict)
+    else:
+        ckpt, source = torch.load(path_or_state_dict, map_location="cpu", weights_only=True), str(path_or_state_dict)
     for key in ("model", "module", "state_dict"):  # this project / reference pre-training, DeepSpeed, others
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key], path
-    return ckpt, path
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key], source
+    return ckpt, source
 
 
 def load_checkpoint(model, path_or_state_dict, verbose=True):
@@ -361,10 +361,12 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     # Canonical form: encoder weights under 'encoder.', as in a reference pre-training checkpoint.
     sd = {k if k.startswith(("encoder.", "fc_norm.", "head.") + _DECODER_KEYS) else "encoder." + k: v
           for k, v in sd.items() if "pos_embed" not in k}  # fixed positions are rebuilt, never loaded
+    own, notes = model.state_dict(), []
     if isinstance(model, VideoViT):
+        if any(k.startswith(_DECODER_KEYS) for k in sd):
+            notes.append("pre-training decoder ignored")
         sd = {k.removeprefix("encoder."): v for k, v in sd.items() if not k.startswith(_DECODER_KEYS)}
         sd.pop("norm.weight", None), sd.pop("norm.bias", None)  # mean pooling uses fc_norm, not the final norm
-    own, notes = model.state_dict(), []
     if "head.weight" in sd and "head.weight" in own and sd["head.weight"].shape != own["head.weight"].shape:
         notes.append(f"head for {sd['head.weight'].shape[0]} classes dropped (model has {own['head.weight'].shape[0]})")
         del sd["head.weight"], sd["head.bias"]
