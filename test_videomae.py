@@ -1,10 +1,17 @@
 """Tests: masks, model numerics, checkpoint formats, data, and the scripts end to end on generated videos."""
+import json
 import math
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import mask as M
 import model as MD
 
@@ -282,3 +289,423 @@ def test_wrong_checkpoints_give_clear_errors(tmp_path):
     torch.save({"model": {"resnet.conv1.weight": torch.zeros(3)}}, path)
     with pytest.raises(ValueError, match="no tensor matches"):
         MD.load_checkpoint(tiny_mae(), path)
+
+
+# ----------------------------------------------------------------------------- training pieces
+
+def test_param_groups_layer_decay_and_no_decay_on_biases():
+    from pretrain import param_groups
+    vit = tiny_vit()
+    groups = param_groups(vit, 0.05, layer_decay=0.5)
+    scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    depth = len(vit.blocks)  # 2: patch embedding 0.5^3, block i 0.5^(2-i), head 1
+    assert scale_of[id(vit.patch_embed.proj.weight)] == (0.5 ** 3, 0.05)
+    assert scale_of[id(vit.blocks[0].attn.qkv.weight)] == (0.5 ** 2, 0.05)
+    assert scale_of[id(vit.blocks[1].norm1.weight)] == (0.5, 0.0)
+    assert scale_of[id(vit.blocks[1].attn.q_bias)] == (0.5, 0.0)
+    assert scale_of[id(vit.head.weight)] == (1.0, 0.05) and scale_of[id(vit.fc_norm.bias)] == (1.0, 0.0)
+    assert len(scale_of) == len(list(vit.parameters())) and depth == 2
+    net = tiny_mae()
+    no_decay = {id(p) for g in param_groups(net, 0.05) if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(net.mask_token) in no_decay and id(net.encoder.patch_embed.proj.bias) in no_decay
+    assert id(net.encoder.patch_embed.proj.weight) not in no_decay
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from types import SimpleNamespace
+    from pretrain import lr_at
+    a = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
+    assert lr_at(0, a) == 0 and lr_at(1, a) == 0.5 and lr_at(2, a) == 1.0
+    assert math.isclose(lr_at(6, a), 0.55) and math.isclose(lr_at(10, a), 0.1)
+
+
+def test_mixup_and_cutmix_targets_sum_to_one():
+    from types import SimpleNamespace
+    from finetune import mix, soft_cross_entropy
+    torch.manual_seed(0)
+    video, labels = torch.rand(6, 3, 4, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0])
+    for mixup, cutmix in [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0), (0.0, 0.0)]:
+        a = SimpleNamespace(smoothing=0.1, mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5)
+        for seed in range(4):
+            out, target = mix(video, labels, 5, a, torch.Generator().manual_seed(seed))
+            assert out.shape == video.shape and target.shape == (6, 5)
+            torch.testing.assert_close(target.sum(1), torch.ones(6))
+            assert (target >= 0.1 / 5 - 1e-6).all()  # smoothing leaves every class its share
+            if cutmix and not mixup:  # the box is cut from the partner clip, the same in every frame
+                changed = (out != video).any(dim=(0, 1, 2))
+                assert ((out != video).any(dim=(0, 1)) == changed).all()
+    plain, target = mix(video, labels, 5, SimpleNamespace(smoothing=0.0, mixup=0, cutmix=0, mixup_prob=1,
+                                                           mixup_switch_prob=0), torch.Generator())
+    logits = torch.randn(6, 5)
+    torch.testing.assert_close(soft_cross_entropy(logits, target), F.cross_entropy(logits, labels))
+
+
+def test_merge_views_averages_each_video_once():
+    from finetune import merge_views
+    # 3 videos x 2 views; rows of video 0 repeated, as a distributed sampler's padding does
+    idx = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [0, 0], [0, 1]])
+    probs = torch.tensor([[1., 0], [0, 1], [1, 0], [1, 0], [0, 1], [0, 1], [1., 0], [0, 1]])
+    merged, seen = merge_views(idx, probs, 4)
+    torch.testing.assert_close(merged[:3].float(), torch.tensor([[.5, .5], [1., 0], [0, 1.]]))
+    assert seen.tolist() == [True, True, True, False]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def frames_of(n, size=(64, 48), seed=0):
+    """BGR frames that all differ: a noise texture panning smoothly, and the frame number."""
+    rng = np.random.default_rng(seed)
+    W, H = size
+    tex = cv2.GaussianBlur(rng.integers(0, 256, (H + 64, W + 128, 3)).astype(np.uint8), (0, 0), 2)
+    for t in range(n):
+        frame = np.ascontiguousarray(tex[t % 64:t % 64 + H, t % 128:t % 128 + W])
+        cv2.putText(frame, str(t), (2, H - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2)
+        yield frame
+
+
+def write_video(path, n=120, size=(64, 48), fourcc='XVID', seed=0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 25, size)
+    assert writer.isOpened(), fourcc
+    for frame in frames_of(n, size, seed):
+        writer.write(frame)
+    writer.release()
+    return str(path)
+
+
+def sequential(path):
+    cap, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            return np.stack(frames)[..., ::-1]  # RGB
+        frames.append(frame)
+
+
+@pytest.fixture(scope='module')
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp('videos')
+    return {'avi': write_video(d / 'a.avi', 150), 'mp4': write_video(d / 'b.mp4', 150, fourcc='mp4v'),
+            'mjpg': write_video(d / 'c.avi', 80, fourcc='MJPG'), 'short': write_video(d / 'short.avi', 20)}
+
+
+def test_h264_with_b_frames_is_exact(tmp_path):
+    # H.264 with B-frames (decode order differs from display order), as most downloaded datasets are; OpenCV's
+    # pip build cannot write it, PyAV can.
+    import av
+    path = str(tmp_path / 'h264.mp4')
+    with av.open(path, 'w') as container:
+        stream = container.add_stream('libx264', rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+        stream.options = {'x264-params': 'b-adapt=0:bframes=3:keyint=12'}
+        for frame in frames_of(100):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='bgr24')))
+        container.mux(stream.encode())
+    with av.open(path) as container:  # older PyAV names the picture type 'B', newer ones give its number, 3
+        types = [str(getattr(f.pict_type, 'name', f.pict_type)) for f in container.decode(video=0)]
+    assert types.count('B') + types.count('3') >= 20, types
+    ref = sequential(path)
+    assert len(ref) == data.video_length(path) == 100
+    cases = [[99, 3, 50, 50, 40, 98], sorted([33, 47, 61, 62, 75, 88, 99]), [95, 96, 97, 98, 99], [99, 99, 0],
+             [70, 35, 70, 35], list(range(data.SEEK_MIN, 100, 5))] + [[s] for s in range(data.SEEK_MIN, 100)]
+    for idx in cases:  # a single index from SEEK_MIN on lands on every I, P and B frame after a seek
+        assert np.array_equal(data.read_frames(path, idx), ref[idx]), idx
+    assert path not in data._SEEK_UNSAFE  # every seek landed on its frame: none fell back to decoding from 0
+
+
+@pytest.mark.parametrize('kind', ['avi', 'mp4', 'mjpg'])
+def test_read_frames_exact(videos, kind):
+    path = videos[kind]
+    ref = sequential(path)
+    n = len(ref)
+    assert data.video_length(path) == n
+    rng = np.random.default_rng(0)
+    cases = [[0], [n - 1], [n - 1, 0, n - 1], list(range(n - 5, n)), list(range(30, 40)), [33, 33, 7, 90 % n, 7],
+             sorted(rng.integers(0, n, 12)), list(rng.integers(0, n, 12))]
+    for idx in cases + [[s + 4 * k for k in range(16) if s + 4 * k < n] for s in range(0, n - 60, 13)]:
+        got = data.read_frames(path, idx)
+        assert got.dtype == np.uint8 and got.shape == (len(idx), 48, 64, 3)
+        assert np.array_equal(got, ref[idx]), (kind, idx)
+
+
+def test_seek_and_sequential_paths_agree(videos, monkeypatch):
+    idx = [40, 41, 100, 149]
+    seeked = data.read_frames(videos['avi'], idx)
+    monkeypatch.setattr(data, 'SEEK_MIN', 10 ** 9)
+    assert np.array_equal(seeked, data.read_frames(videos['avi'], idx))
+    assert videos['avi'] not in data._SEEK_UNSAFE
+
+
+def test_truncated_file_repeats_last_real_frame(videos, tmp_path):
+    raw = open(videos['avi'], 'rb').read()
+    path = tmp_path / 'cut.avi'
+    path.write_bytes(raw[:len(raw) // 2])
+    real = sequential(path)
+    assert 0 < len(real) < data.video_length(path) == 150  # the container claims more than decodes
+    idx = [0, len(real) - 1, len(real), 149, 120, 5]
+    got = data.read_frames(path, idx)
+    assert np.array_equal(got, real[np.minimum(idx, len(real) - 1)])
+    assert np.array_equal(data.read_frames(path, [149, 120]), real[[-1, -1]])  # a seek past the real end
+
+
+def test_clip_indices():
+    rng = np.random.default_rng(0)
+    T, r = 16, 4
+    for _ in range(50):
+        (c,) = data.clip_indices(300, 'pretrain', T, r, 'i3d', rng)
+        assert c[0] <= 300 - 64 and np.all(np.diff(c) == 4)
+        (c,) = data.clip_indices(300, 'train', T, r, 'i3d', rng)
+        assert len(c) == T and np.all(np.diff(c) >= 4) and np.all(np.diff(c) <= 5) and 60 <= c[-1] - c[0] <= 64
+        (c,) = data.clip_indices(300, 'train', T, r, 'segment', rng)
+        assert np.array_equal(c // (300 // T), np.arange(T)) if 300 % T == 0 else np.all(np.diff(c) > 0)
+    assert np.array_equal(data.clip_indices(40, 'pretrain', T, r, 'i3d', rng)[0], np.minimum(4 * np.arange(T), 39))
+    assert np.array_equal(data.clip_indices(40, 'train', T, r, 'i3d', rng)[0], np.minimum(4 * np.arange(T), 39))
+    test = data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=5)
+    assert [c[0] for c in test] == [0, 59, 119, 179, 239] and test[-1][-1] == 299
+    assert [c[0] for c in data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=1)] == [119]
+    seg = data.clip_indices(320, 'test', T, r, 'segment', test_num_segment=2)
+    assert np.array_equal(seg[0], 20 * np.arange(T) + 5) and np.array_equal(seg[1], 20 * np.arange(T) + 15)
+    assert data.clip_indices(10, 'test', T, r, 'segment', test_num_segment=1)[0].max() == 9
+    for mode in ('pretrain', 'train', 'test'):
+        for c in data.clip_indices(5, mode, T, r, 'i3d', rng) + data.clip_indices(5, mode, T, r, 'segment', rng):
+            assert len(c) == T and c.min() >= 0 and c.max() <= 4
+
+
+def test_crop_boxes():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        x, y, w, h = data.multiscale_crop_box(240, 320, 224, rng)
+        assert w in (240, 210, 180, 158) and h in (240, 210, 180, 158) and x + w <= 320 and y + h <= 240
+        assert data.multiscale_crop_box(226, 300, 224, rng)[2:] in [
+            (224, 224), (224, 197), (197, 224), (197, 197), (197, 169), (169, 197), (169, 169), (169, 149), (149, 169),
+            (149, 149)]
+        x, y, w, h = data.resized_crop_box(240, 320, rng)
+        assert x + w <= 320 and y + h <= 240 and 0.08 * 240 * 320 * 0.9 <= w * h and 0.7 <= w / h <= 1.4
+    assert data.eval_crop_boxes(240, 320, 3) == [(0, 0, 240, 240), (40, 0, 240, 240), (80, 0, 240, 240)]
+    assert data.eval_crop_boxes(320, 240, 1) == [(0, 40, 240, 240)]
+
+
+@pytest.mark.parametrize('mode,V', [('pretrain', 2), ('train', 2), ('test', 6)])
+def test_dataset_outputs(videos, mode, V):
+    samples = [(videos['avi'], 3), (videos['mp4'], 1), (videos['short'], 0)]
+    ds = data.VideoDataset(samples, mode, num_frames=8, sampling_rate=2, input_size=32, num_sample=2,
+                           test_num_segment=2, test_num_crop=3)
+    for i in range(3):
+        clips, label, index, substituted = ds[i]
+        assert clips.shape == (V, 8, 32, 32, 3) and clips.dtype == torch.uint8
+        assert (label, index, substituted) == (samples[i][1], i, 0)
+        assert 20 < clips.float().mean() < 235 and clips.max() > 100
+    if mode != 'test':
+        assert not torch.equal(clips[0], clips[1])  # repeated sampling: different clips from one decode
+
+
+def test_test_mode_views_are_exact_crops(videos):
+    ds = data.VideoDataset([(videos['avi'], 0)], 'test', num_frames=4, sampling_rate=3, input_size=48,
+                           test_num_segment=2, test_num_crop=3)
+    clips = ds[0][0].numpy()
+    ref = sequential(videos['avi'])
+    for v, (seg, x) in enumerate([(s, x) for s in range(2) for x in (0, 8, 16)]):
+        start = [0, 150 - 10][seg]
+        assert np.array_equal(clips[v], ref[start:start + 10:3, :, x:x + 48])  # 48x48 crop, no resize needed
+
+
+def test_augmentations():
+    rng = np.random.default_rng(0)
+    clip = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    for op in data.RAND_OPS:  # every op keeps shape and dtype and treats every frame alike
+        same = np.repeat(clip[:1], 4, 0)
+        orig = data.RAND_OPS
+        data.RAND_OPS = (op,)
+        try:
+            out = data.rand_augment(same, rng, 9, 2, 0.5)
+        finally:
+            data.RAND_OPS = orig
+        assert out.shape == same.shape and out.dtype == np.uint8
+        assert all(np.array_equal(out[0], f) for f in out), op
+    erased = data.random_erase(np.zeros((4, 32, 32, 3), np.uint8), rng)
+    mask = erased.any(-1)
+    assert mask.any() and all(np.array_equal(mask[0], m) for m in mask)  # one box on every frame
+
+
+def test_normalize():
+    clips = torch.randint(0, 256, (2, 3, 4, 5, 3), dtype=torch.uint8)
+    out = data.normalize(clips)
+    assert data.IMAGENET_MEAN is MD.IMAGENET_MEAN and data.IMAGENET_STD is MD.IMAGENET_STD  # one definition
+    ref = (clips.numpy() / 255.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 3, 4, 5)
+    assert np.allclose(out.numpy(), ref.transpose(0, 4, 1, 2, 3), atol=1e-5)
+
+
+def make_tree(root, classes, n=2):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            write_video(root / c / f'v_{c}_g0{k}_c01.avi', 4, (32, 24))
+
+
+def test_ucf101_layout(tmp_path):
+    classes = ['ApplyEyeMakeup', 'Basketball', 'YoYo']
+    make_tree(tmp_path / 'UCF-101', classes)
+    sd = tmp_path / 'ucfTrainTestlist'
+    sd.mkdir()
+    (sd / 'classInd.txt').write_bytes(b''.join(f'{k + 1} {c}\r\n'.encode() for k, c in enumerate(classes)))
+    (sd / 'trainlist01.txt').write_bytes(b''.join(f'{c}/v_{c}_g00_c01.avi {k + 1}\r\n'.encode()
+                                                  for k, c in enumerate(classes)))
+    (sd / 'testlist01.txt').write_bytes(b''.join(f'{c}/v_{c}_g01_c01.avi\r\n'.encode() for c in classes[::-1]))
+    for data_set in ('UCF101', None):
+        train, names = data.load_samples(tmp_path / 'UCF-101', data_set, 1, True)
+        assert names == classes and [s[1] for s in train] == [0, 1, 2]
+        test, _ = data.load_samples(tmp_path / 'UCF-101', data_set, 1, False)
+        assert [s[1] for s in test] == [2, 1, 0] and test[0][0].endswith('YoYo/v_YoYo_g01_c01.avi')
+    (sd / 'testlist01.txt').write_bytes(b'YoYo/v_YoYo_g01_c01.avi\r\nYoYo/v_YoYo_g09_c01.avi\r\n')
+    with pytest.raises(FileNotFoundError, match=r'testlist01.txt:2: .*g09'):
+        data.load_samples(tmp_path / 'UCF-101', 'UCF101', 1, False)
+
+
+def test_hmdb51_layout(tmp_path):
+    classes = ['brush_hair', 'cartwheel', 'sit', 'situp']
+    root = tmp_path / 'hmdb51_org'
+    make_tree(root, classes, 3)
+    sd = root / 'testTrainMulti_7030_splits'  # inside the root this time
+    sd.mkdir()
+    for c in classes[::-1]:
+        for split in (1, 2, 3):
+            tags = [1, 2, 0] if split == 1 else [2, 1, 1]
+            (sd / f'{c}_test_split{split}.txt').write_text(
+                ''.join(f'v_{c}_g0{k}_c01.avi {t} \n' for k, t in enumerate(tags)))
+    train, names = data.load_samples(root, None, 1, True)
+    assert names == classes and [s[1] for s in train] == [0, 1, 2, 3]
+    assert all(s[0].endswith('_g00_c01.avi') for s in train)
+    test, _ = data.load_samples(root, 'HMDB51', 2, False)
+    assert len(test) == 4 and all(s[0].endswith('_g00_c01.avi') for s in test)
+    assert len(data.load_samples(root, 'HMDB51', 3, True)[0]) == 8
+    (root / 'sit' / 'v_sit_g02_c01.avi').unlink()
+    with pytest.raises(FileNotFoundError, match=r'sit_test_split2.txt:3'):
+        data.load_samples(root, 'HMDB51', 2, True)
+
+
+def test_list_and_folder(tmp_path):
+    make_tree(tmp_path / 'tree', ['b_walk', 'a_run'])
+    samples, names = data.load_samples(tmp_path / 'tree')
+    assert names == ['a_run', 'b_walk'] and [s[1] for s in samples] == [0, 0, 1, 1]
+    lst = tmp_path / 'my list.txt'
+    lst.write_text(f'tree/a_run/v_a_run_g00_c01.avi 1\n\n{tmp_path}/tree/b_walk/v_b_walk_g01_c01.avi 0\n')
+    samples, names = data.load_samples(lst)
+    assert samples == [(str(tmp_path / 'tree/a_run/v_a_run_g00_c01.avi'), 1),
+                       (str(tmp_path / 'tree/b_walk/v_b_walk_g01_c01.avi'), 0)] and names == ['b_walk', 'a_run']
+    lst.write_text('tree/a_run/v_a_run_g00_c01.avi\n')  # pre-training list without labels
+    assert data.load_samples(lst, 'list')[0][0][1] == -1
+    lst.write_text('tree/a_run/v_a_run_g00_c01.avi 0\ntree/a_run/missing.avi 0\n')
+    with pytest.raises(FileNotFoundError, match=r'my list.txt:2: .*missing.avi'):
+        data.load_samples(lst)
+    write_video(tmp_path / 'tree' / 'loose.avi', 4, (32, 24))  # a plain folder of videos: unlabelled
+    samples, names = data.load_samples(tmp_path / 'tree', 'folder')
+    assert len(samples) == 5 and names == [] and {s[1] for s in samples} == {-1}
+    with pytest.raises(ValueError, match='data_set'):
+        data.load_samples(tmp_path / 'tree', 'kinetics')
+
+
+def test_bad_files_are_substituted(videos, tmp_path):
+    raw = open(videos['avi'], 'rb').read()
+    (tmp_path / 'zero.avi').write_bytes(b'')
+    (tmp_path / 'noise.avi').write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    (tmp_path / 'header.avi').write_bytes(raw[:600])
+    bad = [str(tmp_path / n) for n in ('zero.avi', 'noise.avi', 'header.avi', 'nonexistent.avi')]
+    for path in bad:
+        with pytest.raises(data.VideoReadError, match=path.split('/')[-1]):
+            data.read_frames(path, [0])
+    good = [(videos['avi'], 7)] * 77
+    ds = data.VideoDataset([(bad[0], 1), (bad[1], 2), (videos['mp4'], 5)] + good, 'pretrain', num_frames=4,
+                           input_size=32, max_bad_fraction=0.05)
+    with pytest.warns(UserWarning, match='zero.avi'):
+        clips, label, index, substituted = ds[0]
+    assert (label, index, substituted) == (5, 0, 2) and clips.shape == (1, 4, 32, 32, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # known bad files are skipped without a new warning
+        assert ds[1][1:] == (5, 1, 1)
+    ds.samples[3:6] = [(bad[2], 0), (bad[3], 0), (bad[0], 0)]
+    with pytest.warns(UserWarning, match='header.avi'):
+        assert ds[3][1:] == (7, 3, 3)  # 4 bad files of 80: not over 5 %
+    (tmp_path / 'noise2.avi').write_bytes(b'RIFF' + bytes(3000))
+    ds.samples[6] = (str(tmp_path / 'noise2.avi'), 0)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match='5 of 80 videos unreadable.*--check'):
+        ds[6]
+    ds = data.VideoDataset([(bad[0], 0)] * 10, 'pretrain', max_bad_fraction=0.5)  # one bad file, listed 10 times
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match='none of the 10 videos'):
+        ds[0]
+
+
+def test_check_cli(videos, tmp_path, capsys, monkeypatch):
+    lst = tmp_path / 'list.txt'
+    (tmp_path / 'zero.avi').write_bytes(b'')
+    lst.write_text(f"{videos['avi']} 0\n{videos['short']} 1\n{tmp_path / 'zero.avi'} 1\n")
+    monkeypatch.setattr('sys.argv', ['data.py', '--check', str(lst)])
+    with pytest.raises(SystemExit) as e:
+        data.main()
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and 'UNREADABLE' in out and 'zero.avi' in out
+    assert 'SHORT' in out and 'short.avi' in out and 'SEEK' not in out and 'a.avi' not in out
+    assert 'all: 3 videos; videos0 1, 1 2' in out and '3 files: 1 unreadable, 1 other findings' in out
+
+
+def test_demo_dataset(tmp_path):
+    kw = dict(num_classes=3, videos_per_class=4, val_per_class=2, num_frames=12, seed=3)
+    a = data.make_demo_dataset(tmp_path / 'a' / 'demo', **kw)
+    b = data.make_demo_dataset(tmp_path / 'b' / 'demo', **kw)
+    assert sorted(p.name for p in (tmp_path / 'a').iterdir()) == ['demo']  # no temporary folder left
+    train, names = data.load_samples(a, 'demo', train=True)
+    val, _ = data.load_samples(a / 'val.txt')
+    assert names == ['right', 'left', 'down'] and len(train) == len(val) == 6
+    assert [s[1] for s in train].count(0) == [s[1] for s in train].count(2) == 2
+    for (pa, la), (pb, lb) in zip(train + val, data.load_samples(b, 'list')[0] + data.load_samples(b / 'val.txt')[0]):
+        fa, fb = sequential(pa), sequential(pb)
+        assert la == lb and fa.shape == (12, 96, 128, 3) and np.array_equal(fa, fb)
+    stamp = (a / 'meta.json').stat().st_mtime_ns
+    assert data.make_demo_dataset(a, **kw) == a and (a / 'meta.json').stat().st_mtime_ns == stamp  # reused
+    c = data.make_demo_dataset(tmp_path / 'c', **dict(kw, seed=4))
+    assert not np.array_equal(sequential(c / 'right/right_000.avi'), sequential(a / 'right/right_000.avi'))
+    for other in (b, tmp_path):  # a set with other parameters, a folder that is no demo set: left alone
+        with pytest.raises(FileExistsError, match='not this demo set'):
+            data.make_demo_dataset(other, **dict(kw, seed=4))
+    assert json.loads((b / 'meta.json').read_text())['seed'] == 3
+
+
+def test_demo_dataset_concurrent_builds(tmp_path, monkeypatch):
+    # Ranks of a distributed run build one root at the same moment. Held at the rename until both are there,
+    # both find the root still missing: one rename wins, the other fails on its folder and keeps it.
+    kw = dict(num_classes=2, videos_per_class=3, val_per_class=1, num_frames=6, seed=5)
+    at_rename, replace, outcomes = threading.Barrier(2, timeout=60), data.os.replace, []
+
+    def replace_together(*args):
+        at_rename.wait()
+        try:
+            replace(*args)
+            outcomes.append('renamed')
+        except OSError:
+            outcomes.append('refused')
+            raise
+
+    monkeypatch.setattr(data.os, 'replace', replace_together)
+    with ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: data.make_demo_dataset(tmp_path / 'demo', **kw), range(2)))
+    assert roots == [tmp_path / 'demo'] * 2 and sorted(outcomes) == ['refused', 'renamed']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['demo']  # no temporary folder left
+    assert sorted(p.name for p in roots[0].iterdir()) == ['left', 'meta.json', 'right', 'train.txt', 'val.txt']
+    train, names = data.load_samples(roots[0], 'demo')
+    assert names == ['right', 'left'] and len(train) == 4 and all(len(sequential(p)) == 6 for p, _ in train)
+
+
+def test_demo_classes_need_motion(tmp_path):
+    # Translation classes: the optical flow of the changing pixels points the class's way.
+    root = data.make_demo_dataset(tmp_path / 'demo', num_classes=4, videos_per_class=8, val_per_class=0,
+                                  num_frames=8, seed=0)
+    samples, names = data.load_samples(root, 'demo')
+    assert names == list(data.DEMO_CLASSES[:4]) and len(samples) == 32
+    right = 0
+    for path, label in samples:
+        f0, f1 = (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in data.read_frames(path, [0, 4]))
+        flow = cv2.calcOpticalFlowFarneback(f0, f1, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        diff = cv2.absdiff(f0, f1)
+        fx, fy = np.median(flow[diff > np.percentile(diff, 97)], 0)
+        right += [fx > 1, fx < -1, fy > 1, fy < -1][label]
+    assert right >= 0.6 * len(samples)

@@ -1,0 +1,435 @@
+"""Video data for VideoMAE (arXiv 2203.12602): frame-exact OpenCV reading, the reference's sampling and augmentations
+(github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), dataset lists, a demo set. Clips leave the workers
+as uint8 (V, T, H, W, 3) RGB, a quarter of float's bytes; `normalize` makes ImageNet-normalised float (B, 3, T, H, W)
+on the training device."""
+import argparse, json, math, os, re, shutil, sys, uuid, warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the loss target undoes this normalisation
+
+VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
+SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
+SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
+_SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
+_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # RandAugment border fill: mean pixel, as timm's img_mean
+
+# Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each FFmpeg decoder (_open)
+# run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and oversubscribe the CPU.
+cv2.setNumThreads(1)
+
+
+class VideoReadError(RuntimeError):
+    """A video that cannot be opened or yields no frame."""
+
+
+def _open(path):
+    """(capture at frame 0, frame count the container claims; a damaged file may hold fewer)."""
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    if n <= 0:
+        raise VideoReadError(f"{path}: not a readable video (missing, empty or no frames); re-encode or remove it")
+    return cap, n
+
+
+def video_length(path):
+    return _open(path)[1]
+
+
+def _decode(cap, path, wanted, seek=True):
+    """{index: BGR frame} for the sorted unique `wanted` indices, equal to a sequential decode from 0 (indices
+    past the real end get its last frame). Decoding stops at the last wanted frame and retrieve()s only wanted
+    ones (grab() skips the colour conversion). From SEEK_MIN on it seeks: OpenCV decodes forward from the
+    keyframe before, by timestamp, exact for constant frame rates (XVID, mp4v, H.264 with B-frames: see the
+    tests); if the frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
+    path, first, last, fps = str(path), wanted[0], wanted[-1], cap.get(cv2.CAP_PROP_FPS)
+    seek = seek and first >= SEEK_MIN and fps > 0 and path not in _SEEK_UNSAFE
+    if seek:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, first)
+        if not (cap.grab() and abs(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000 - first) < 0.5):
+            _SEEK_UNSAFE.add(path)
+            return _decode(_open(path)[0], path, wanted)
+    keep, frames = set(wanted), {}
+    pos, ok = (first, True) if seek else (0, cap.grab())
+    while ok:
+        if pos in keep:
+            ok, frame = cap.retrieve()
+            if not ok:
+                break
+            frames[pos] = frame
+        if pos == last:
+            return frames
+        pos, ok = pos + 1, cap.grab()
+    # The stream ended at `pos`, before the container's count: repeat its last frame, pos - 1.
+    if pos == 0:
+        raise VideoReadError(f"{path}: no frame decodes; re-encode or remove it")
+    if pos - 1 not in frames:
+        frames.update(_decode(_open(path)[0], path, [pos - 1]))
+    return {i: frames[min(i, pos - 1)] for i in wanted}
+
+
+def read_frames(path, indices):
+    """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed), frame-exact."""
+    indices = [int(i) for i in indices]
+    frames = _decode(_open(path)[0], path, sorted(set(indices)))
+    return np.stack([cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB) for i in indices])
+
+
+def normalize(clips):
+    """uint8 (..., T, H, W, 3) RGB -> float32 (..., 3, T, H, W) ImageNet-normalised, on clips' device."""
+    x = clips.movedim(-1, -4).contiguous().float()  # reorder the uint8 (1 byte per value), then convert
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return x.sub_(mean).div_(std)
+
+
+def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
+    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment evenly
+    spaced test clips, as a list. Indices past the end are clamped: a short video repeats its last frame."""
+    T, r, S = num_frames, sampling_rate, test_num_segment
+    if sampling == 'segment':  # ssv2.py: T equal segments, a random frame in each (its middle at test)
+        offsets = [(v + 0.5) / S for v in range(S)] if mode == 'test' else [rng.random(T)]
+        clips = [(np.arange(T) + o) * n / T for o in offsets]
+    elif mode == 'pretrain':  # VideoMAE pre-training loader: T frames at stride r from a random start
+        clips = [rng.integers(max(n - T * r, 0) + 1) + r * np.arange(T)]
+    elif mode == 'train' and n > T * r:  # kinetics.py: T frames evenly over [end - T*r, end), end random
+        end = rng.integers(T * r, n)
+        clips = [np.minimum(np.linspace(end - T * r, end, T), end - 1)]
+    elif mode == 'train':  # kinetics.py, a video shorter than T*r: stride r, then its last frame repeats
+        clips = [r * np.arange(T)]
+    else:  # kinetics.py test: S clips of T frames at stride r, starts evenly over the video
+        room = max(n - (T - 1) * r - 1, 0)
+        clips = [s + r * np.arange(T) for s in (np.linspace(0, room, S) if S > 1 else [room / 2])]
+    return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
+
+
+def multiscale_crop_box(H, W, size, rng):
+    """GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the short side, width and
+    height scale indices at most 1 apart, offset among 13 fixed positions (more_fix_crop). (x, y, w, h)."""
+    sides = [int(min(H, W) * s) for s in (1, .875, .75, .66)]
+    sides = [size if abs(s - size) < 3 else s for s in sides]
+    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    w, h = pairs[rng.integers(len(pairs))]
+    a, b = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+            (1, 1), (3, 1), (1, 3), (3, 3)][rng.integers(13)]
+    return a * ((W - w) // 4), b * ((H - h) // 4), w, h
+
+
+def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(x, y, w, h) of torchvision's RandomResizedCrop, the reference's fine-tuning crop: area a uniform fraction
+    `scale` of the frame's, aspect w / h log-uniform in `ratio`; after 10 misses the whole frame (torchvision's
+    fallback for frames whose aspect lies within `ratio`)."""
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            return int(rng.integers(W - w + 1)), int(rng.integers(H - h + 1)), w, h
+    return 0, 0, W, H
+
+
+def eval_crop_boxes(H, W, num_crop):
+    """kinetics.py test crops: short-side squares at left/centre/right along the long side (centre for 1)."""
+    s, room = min(H, W), abs(W - H)
+    starts = np.linspace(0, room, num_crop) if num_crop > 1 else [room / 2]
+    return [(int(o), 0, s, s) if W >= H else (0, int(o), s, s) for o in starts]
+
+
+RAND_OPS = ('identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize', 'contrast',
+            'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
+
+
+def rand_augment(clip, rng, magnitude=7.0, num_ops=4, mstd=0.5, inc=False):
+    """timm's RandAugment with the reference's ranges, video-consistent: the same op and magnitude on
+    every frame of a uint8 (T, H, W, 3) RGB clip, histogram ops from the whole clip. Each of num_ops ops
+    drawn uniformly applies with p 0.5 at magnitude ~ N(magnitude, mstd) clipped to [0, 10]."""
+    T, H, W, _ = clip.shape
+    img = clip.reshape(T * H, W, 3)  # frames stacked vertically: per-pixel ops in one OpenCV call
+    v = np.arange(256)[:, None]
+    for op in rng.choice(RAND_OPS, num_ops):
+        if rng.random() >= 0.5 or op == 'identity':
+            continue
+        mag = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) / 10
+        sign = 1 if rng.random() < 0.5 else -1
+        if op in ('autocontrast', 'equalize', 'solarize', 'posterize'):  # per-channel lookup tables
+            if op == 'autocontrast':
+                lo, hi = img.min((0, 1)).astype(float), img.max((0, 1)).astype(float)
+                lut = np.where(hi > lo, (v - lo) * 255 / np.maximum(hi - lo, 1), v)
+            elif op == 'equalize':  # PIL ImageOps.equalize on the clip's histogram
+                hist = np.stack([np.bincount(img[..., c].ravel(), minlength=256) for c in range(3)], 1)
+                step = (hist.sum(0) - hist[[np.flatnonzero(hist[:, c])[-1] for c in range(3)], range(3)]) // 255
+                cum = np.vstack([np.zeros((1, 3), int), np.cumsum(hist, 0)[:-1]])
+                lut = np.where(step > 0, (step // 2 + cum) // np.maximum(step, 1), v)
+            elif op == 'solarize':  # invert values at or above the threshold
+                lut = np.where(v < (256 - int(256 * mag) if inc else int(256 * mag)), v, 255 - v)
+            else:  # posterize: keep the top `bits` bits
+                lut = v & (0xFF << (8 - (4 - int(4 * mag) if inc else int(4 * mag)))) & 0xFF
+            img = cv2.LUT(img, np.clip(lut * np.ones(3), 0, 255).astype(np.uint8)[:, None, :])
+        elif op in ('color', 'contrast', 'brightness', 'sharpness'):  # PIL ImageEnhance: blend with a degenerate
+            gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+            smooth = np.float32([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13  # PIL's SMOOTH, for sharpness
+            degenerate = (cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) if op == 'color' else
+                          np.full_like(img, round(gray.mean())) if op == 'contrast' else
+                          np.zeros_like(img) if op == 'brightness' else
+                          np.concatenate([cv2.filter2D(f, -1, smooth) for f in img.reshape(T, H, W, 3)]))
+            img = cv2.addWeighted(img, 1 + sign * 0.9 * mag, degenerate, -sign * 0.9 * mag, 0)
+        else:  # geometric, as inverse maps (output pixel -> input pixel), PIL's convention
+            s, t = sign * 0.3 * mag, sign * 0.45 * mag
+            M = np.float32({'rotate': cv2.getRotationMatrix2D((W / 2, H / 2), sign * 30 * mag, 1),
+                            'shear_x': [[1, s, 0], [0, 1, 0]], 'shear_y': [[1, 0, 0], [s, 1, 0]],
+                            'translate_x': [[1, 0, t * W], [0, 1, 0]], 'translate_y': [[1, 0, 0], [0, 1, t * H]]}[op])
+            img = np.concatenate([cv2.warpAffine(f, M, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                                 borderValue=_FILL) for f in img.reshape(T, H, W, 3)])
+    return img.reshape(T, H, W, 3)
+
+
+def random_erase(clip, rng):
+    """timm RandomErasing (mode 'pixel', area 2%-1/3, aspect 0.3-3.3) with one box for every frame (the
+    reference erases each frame independently). The box is filled with per-pixel noise N(0, 1) in
+    normalised space, i.e. ImageNet mean + std * z, quantised to uint8. In place."""
+    T, H, W, _ = clip.shape
+    x, y, w, h = resized_crop_box(H, W, rng, (0.02, 1 / 3), (0.3, 1 / 0.3))  # timm's draw of the box
+    if w < W and h < H:  # timm's boxes are smaller than the frame (a rare full-width draw is dropped, not redrawn)
+        noise = 255 * (np.array(IMAGENET_MEAN) + np.array(IMAGENET_STD) * rng.standard_normal((T, h, w, 3)))
+        clip[:, y:y + h, x:x + w] = np.clip(noise, 0, 255).astype(np.uint8)
+    return clip
+
+
+def _render(frames, indices, box, size, flip):
+    """uint8 (T, size, size, 3) RGB: crop the BGR frames first, then bilinear resize, then colour-convert."""
+    x, y, w, h = box
+    out = np.concatenate([cv2.resize(frames[i][y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_LINEAR)
+                          for i in indices])
+    out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+    return (cv2.flip(out, 1) if flip else out).reshape(len(indices), size, size, 3)  # rows flip per frame
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted): V = num_sample clips of one decode
+    (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in 'test' mode.
+    An unreadable video is replaced by the next sample (whose label is returned) and counted in
+    `substituted`; over max_bad_fraction (and at least 3) unreadable files raise."""
+
+    def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
+                 sampling='i3d', flip=None, aa='rand-m7-n4-mstd0.5', reprob=0.25,
+                 test_num_segment=5, test_num_crop=3, max_bad_fraction=0.05, seed=0):
+        if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
+            raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
+                             f"{len(samples)} samples; check the arguments and --data_path")
+        self.samples, self.mode, self.sampling, self.reprob, self.seed = list(samples), mode, sampling, reprob, seed
+        self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
+        self.flip = mode == 'train' if flip is None else flip
+        m = re.fullmatch(r'rand-m([\d.]+)-n(\d+)(?:-mstd([\d.]+))?(-inc1)?', aa or '')  # timm's --aa syntax
+        if aa and not m:
+            raise ValueError(f"--aa {aa!r}: expected rand-m<M>-n<N>[-mstd<S>][-inc1], e.g. rand-m7-n4-mstd0.5")
+        self.aa = m and (float(m[1]), int(m[2]), float(m[3] or 0), bool(m[4]))  # (m, n, mstd, increasing)
+        self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
+        self.bad = set()  # files proven unreadable in this process (each DataLoader worker has its own)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for substituted in range(len(self)):
+            j = (i + substituted) % len(self)
+            if self.samples[j][0] in self.bad:
+                continue
+            try:
+                return torch.from_numpy(self._load(j)), self.samples[j][1], i, substituted
+            except VideoReadError as e:
+                self.bad.add(self.samples[j][0])
+                warnings.warn(f"{e}; using sample {(j + 1) % len(self)} instead", stacklevel=2)
+                if len(self.bad) > max(self.max_bad_fraction * len(self), 2):
+                    raise RuntimeError(f"{len(self.bad)} of {len(self)} videos unreadable, over max_bad_fraction="
+                                       f"{self.max_bad_fraction}; run `python data.py --check DATA_PATH`") from e
+        raise RuntimeError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
+
+    def _load(self, j):
+        path = self.samples[j][0]
+        cap, n = _open(path)
+        # Per-item generator from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed by manual_seed.
+        rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
+        clips = [c for _ in range(1 if self.mode == 'test' else self.num_sample)
+                 for c in clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)]
+        frames = _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
+        H, W = next(iter(frames.values())).shape[:2]
+        if self.mode == 'test':
+            return np.stack([_render(frames, c, box, self.size, False)
+                             for c in clips for box in eval_crop_boxes(H, W, self.crops)])
+        views = []
+        for c in clips:  # pre-training: multi-scale crop (no flip by default); fine-tuning: the rest below
+            box = multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else resized_crop_box(H, W, rng)
+            views.append(_render(frames, c, box, self.size, self.flip and rng.random() < 0.5))
+            if self.mode == 'train' and self.aa:  # the reference augments full frames before the crop: dearer
+                views[-1] = rand_augment(views[-1], rng, *self.aa)
+            if self.mode == 'train' and rng.random() < self.reprob:
+                random_erase(views[-1], rng)
+        return np.stack(views)
+
+
+def _lines(path):
+    return [(f'{path}:{k}', line.strip()) for k, line in enumerate(Path(path).read_text().splitlines(), 1)
+            if line.strip()]
+
+
+def _list_file(lst):
+    """'path label' per line (the reference's format; paths relative to the list's folder or absolute);
+    a line without a label gets label -1. Class names: each label's common parent folder, else the label."""
+    entries, parents = [], {}
+    for where, line in _lines(lst):
+        m = re.fullmatch(r'(.+?)\s+(-?\d+)', line)
+        path, label = (m[1], int(m[2])) if m else (line, -1)
+        entries.append((lst.parent / path, label, where))
+        parents.setdefault(label, set()).add(Path(path).parent.name)
+    names = range(max(parents, default=-1) + 1)
+    return entries, [min(parents[c]) if len(parents.get(c, ())) == 1 else str(c) for c in names]
+
+
+def load_samples(data_path, data_set=None, split=1, train=True):
+    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' (UCF-101/,
+    ucfTrainTestlist/ beside or inside), 'HMDB51' (hmdb51_org/, testTrainMulti_7030_splits/ beside or
+    inside), 'list' (a list file, or a folder with train.txt and val.txt), 'folder' (class subfolders, or
+    any folder of videos: unlabelled), 'demo' (make_demo_dataset at data_path), None: detect."""
+    root = Path(data_path)
+    if data_set == 'demo':  # an existing demo set is used whatever its parameters
+        root, data_set = root if (root / 'meta.json').is_file() else make_demo_dataset(root), 'list'
+    if not root.exists():
+        raise FileNotFoundError(f"--data_path {root} does not exist")
+    splits = {name: d for name, sub in SPLIT_DIRS.items() for d in (root.parent / sub, root / sub) if d.is_dir()}
+    if data_set is None:
+        data_set = 'list' if root.is_file() or (root / 'train.txt').is_file() else next(iter(splits), 'folder')
+    if data_set in SPLIT_DIRS and data_set not in splits:
+        raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it for the split files")
+    if data_set == 'UCF101':  # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"
+        names = (splits[data_set] / 'classInd.txt').read_text().split()[1::2]
+        lst = splits[data_set] / f"{'train' if train else 'test'}list{split:02d}.txt"
+        entries = [(root / line.split()[0], names.index(line.split('/')[0]), where) for where, line in _lines(lst)]
+    elif data_set == 'HMDB51':  # <class>_test_split<N>.txt: "<name>.avi <tag>", 1 train, 2 test, 0 unused
+        sd, suffix, tag = splits[data_set], f'_test_split{split}.txt', '1' if train else '2'
+        names = sorted(p.name[:-len(suffix)] for p in sd.glob('*' + suffix))
+        entries = [(root / c / line.split()[0], label, where) for label, c in enumerate(names)
+                   for where, line in _lines(sd / (c + suffix)) if line.split()[-1] == tag]
+    elif data_set == 'list':
+        entries, names = _list_file(root / ('train.txt' if train else 'val.txt') if root.is_dir() else root)
+    elif data_set == 'folder':  # labelled by class subfolder, unless some video lies outside one
+        videos = sorted(p.relative_to(root) for p in root.rglob('*') if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+        classes = sorted({p.parts[0] for p in videos}) if all(len(p.parts) > 1 for p in videos) else []
+        label = {c: k for k, c in enumerate(classes)}
+        return [(str(root / p), label.get(p.parts[0], -1)) for p in videos], classes
+    else:
+        raise ValueError(f"--data_set {data_set!r}: expected UCF101, HMDB51, list, folder or demo")
+    missing = [f'{where}: {path}' for path, _, where in entries if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} missing); fix the list or the data path")
+    return [(str(path), label) for path, label, _ in entries], names
+
+
+DEMO_CLASSES = ('right', 'left', 'down', 'up', 'clockwise', 'anticlockwise')
+
+
+def _demo_video(path, cls, rng, num_frames, W=128, H=96):
+    """A textured polygon on a textured background, sliding (wrapping round the borders) or spinning by
+    class: any single frame shows a polygon somewhere on noise; only the motion tells the classes apart."""
+    blur = lambda sigma: cv2.GaussianBlur(rng.integers(0, 256, (H, W, 3)).astype(np.uint8), (0, 0), sigma)
+    bg = blur(rng.uniform(1, 3)) * rng.uniform(0.3, 1, 3)
+    angles = np.sort(rng.uniform(0, 2 * np.pi, 6))  # polygon drawn at the centre, shown at a random offset
+    pts = (W / 2, H / 2) + rng.uniform(8, 16, (6, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)
+    mask = cv2.fillPoly(np.zeros((H, W), np.float32), [np.round(pts).astype(np.int32)], 1)
+    sprite = np.dstack([blur(1) * rng.uniform(0.3, 1, 3), mask]).astype(np.float32)
+    offset, speed, spin = rng.uniform((0, 0), (W, H)), rng.uniform(1, 2), rng.uniform(3, 6)  # px, deg / frame
+    vx, vy, va = {'right': (speed, 0, 0), 'left': (-speed, 0, 0), 'down': (0, speed, 0), 'up': (0, -speed, 0),
+                  'clockwise': (0, 0, -spin), 'anticlockwise': (0, 0, spin)}[cls]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
+    if not writer.isOpened():
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
+    for t in range(num_frames):
+        s = cv2.warpAffine(sprite, cv2.getRotationMatrix2D((W / 2, H / 2), va * t, 1), (W, H))
+        shift = np.float32([[1, 0, offset[0] + vx * t], [0, 1, offset[1] + vy * t]])
+        s = cv2.warpAffine(s, shift, (W, H), borderMode=cv2.BORDER_WRAP)
+        frame = np.where(s[..., 3:] > 0.5, s[..., :3], bg) + rng.normal(0, 6, (H, W, 3))
+        writer.write(np.clip(frame, 0, 255).astype(np.uint8))
+    writer.release()
+
+
+def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=50, val_per_class=20, num_frames=48, seed=0):
+    """Synthetic motion classes as XVID .avi (MJPG without XVID) in root/<class>/ with list files train.txt
+    and val.txt, deterministic from seed; a set with the same parameters is reused, any other folder left
+    alone. Each call builds in a temporary folder of its own, renamed when complete: a killed build leaves no
+    half dataset, and of calls racing for one root (distributed ranks) the first to finish provides it."""
+    root = Path(root)
+    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
+                num_frames=num_frames, seed=seed, version=1)
+
+    def complete():  # meta.json is written last, so a root that has it holds a whole set
+        return (root / 'meta.json').is_file() and json.loads((root / 'meta.json').read_text()) == meta
+    if complete():
+        return root
+    if root.exists():  # never deleted here: racing calls could not tell a stale set from one just renamed
+        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); delete it or pass "
+                              f"another --data_path")
+    tmp = root.with_name(f'.{root.name}.{uuid.uuid4().hex}')  # unique across processes and hosts
+    lists, jobs = {'train.txt': [], 'val.txt': []}, []
+    try:
+        for label, cls in enumerate(DEMO_CLASSES[:num_classes]):
+            (tmp / cls).mkdir(parents=True)
+            for k in range(videos_per_class):
+                rel = f'{cls}/{cls}_{k:03d}.avi'
+                lists['val.txt' if k >= videos_per_class - val_per_class else 'train.txt'].append(f'{rel} {label}\n')
+                jobs.append((tmp / rel, cls, np.random.default_rng([seed, label, k]), num_frames))
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV and numpy release the GIL
+            list(pool.map(lambda job: _demo_video(*job), jobs))
+        for name, lines in lists.items():
+            (tmp / name).write_text(''.join(lines))
+        (tmp / 'meta.json').write_text(json.dumps(meta))
+        if not complete():
+            os.replace(tmp, root)
+    except OSError:  # the rename fails on the set of a call that finished in between: that one is used
+        if not complete():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _probe(path, min_frames):
+    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims, a
+    seek landing elsewhere than a sequential decode (middle frame read both ways), or too short."""
+    try:
+        cap, n = _open(path)
+        count = sum(1 for _ in iter(cap.grab, False))  # the frames that decode
+        ref, sought = (_decode(_open(path)[0], path, [n // 2], seek)[n // 2] for seek in (False, True))
+    except VideoReadError as e:
+        return f'UNREADABLE {e}'
+    if not np.array_equal(sought, ref):
+        return f'SEEK       {path}: seeking misses frames; re-encode it at a constant frame rate'
+    if count < n:
+        return f'TRUNCATED  {path}: the container claims {n} frames, {count} decode; the last one repeats'
+    return f'SHORT      {path}: {count} frames < {min_frames}; frames repeat' if count < min_frames else ''
+
+
+def main():
+    ap = argparse.ArgumentParser(description='Report unreadable, truncated and short videos, and class counts.')
+    ap.add_argument('--check', metavar='DATA_PATH', required=True)
+    ap.add_argument('--data_set', choices=['UCF101', 'HMDB51', 'list', 'folder', 'demo'])
+    ap.add_argument('--split', type=int, default=1)
+    ap.add_argument('--min_frames', type=int, default=64, help='num_frames x sampling_rate of the runs')
+    args = ap.parse_args()
+    sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train') for name in ('train', 'test')}
+    sets = {'all': sets['train']} if sets['train'] == sets['test'] else sets  # one list or folder
+    paths = sorted({p for samples, _ in sets.values() for p, _ in samples})
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
+        reports = [r for r in pool.map(lambda p: _probe(p, args.min_frames), paths) if r]
+    bad = sum(r.startswith('UNREADABLE') for r in reports)
+    print(*reports, f'{len(paths)} files: {bad} unreadable, {len(reports) - bad} other findings', sep='\n')
+    for name, (samples, classes) in sets.items():
+        counts = sorted(Counter(label for _, label in samples).items())
+        print(f'{name}: {len(samples)} videos;', ', '.join(f'{classes[c] if c >= 0 else c} {k}' for c, k in counts))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == '__main__':
+    main()

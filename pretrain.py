@@ -1,0 +1,401 @@
+"""Self-supervised VideoMAE pre-training, on one CPU or under torchrun on many GPUs.
+
+    python pretrain.py                     # the tiny model on the built-in demo videos, a few minutes on a CPU
+    torchrun --nproc_per_node=8 pretrain.py --data_path UCF-101 --data_set UCF101 --model base
+
+Everything lands in --output_dir: log.jsonl, checkpoint-latest.pth (every epoch), checkpoint-NNNN.pth and a
+reconstruction picture recon-NNNN.png (every --save_ckpt_freq epochs). Running the same command again resumes
+from the newest checkpoint there. The second half of this file is shared with finetune.py.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+import mask as masks
+import model as models
+
+# The paper's recipe (UCF101 script: blr 3e-4, mask 0.75, 3200 epochs) when --data_path is given; the demo otherwise.
+PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=800,
+             warmup_epochs=40, blr=1.5e-4, mask_ratio=0.9, num_sample=1, save_ckpt_freq=50)
+DEMO = dict(model="tiny", input_size=96, num_frames=8, sampling_rate=4, batch_size=8, epochs=30,
+            warmup_epochs=3, blr=1.5e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=10)
+
+
+def main(argv=None):
+    parser = common_parser(__doc__, PAPER, DEMO)
+    parser.add_argument("--mask_type", choices=list(masks.MASKS), default="tube")
+    parser.add_argument("--mask_ratio", type=float, help="share of tokens hidden from the encoder (paper: 0.9)")
+    parser.add_argument("--decoder_mask_type", choices=["none", "run_cell"], default="none",
+                        help="VideoMAE V2 dual masking: rebuild only a running-cell subset of the tokens")
+    parser.add_argument("--decoder_mask_ratio", type=float, default=0.5)
+    parser.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95))
+    parser.add_argument("--no_norm_pix_loss", action="store_true", help="rebuild plain pixels, not normalised ones")
+    args = finish_args(parser, argv, PAPER, DEMO)
+    for name in ("mask_ratio", "decoder_mask_ratio"):
+        if not 0 < getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} must lie strictly between 0 and 1")
+    ctx = setup(args)
+
+    samples = training_subset(data.load_samples(args.data_path, args.data_set, args.split, train=True)[0], args)
+    dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate, args.input_size,
+                                num_sample=args.num_sample, seed=args.seed)
+    net = models.build_model("pretrain", args.model, img_size=args.input_size, num_frames=args.num_frames,
+                             norm_pix_loss=not args.no_norm_pix_loss).to(ctx.device)
+    net.encoder.grad_checkpointing = args.grad_ckpt
+    grid = net.encoder.grid
+    if args.decoder_mask_type == "run_cell" and (grid[1] % 2 or grid[2] % 2):
+        parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size {args.input_size} gives {grid[1]}x{grid[2]}")
+    optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=tuple(args.opt_betas),
+                                  **fused_if_cuda(ctx))
+    run = Run(args, ctx, net, optimizer)
+    loader, sampler = make_loader(dataset, args, ctx, train=True)
+    model = wrap(net, args, ctx)
+    demo_clip = dataset[0][0][:1]  # one fixed clip for the reconstruction pictures
+    steps_per_epoch = len(loader) // args.accum_iter
+    ctx.print(f"{len(dataset)} videos, {steps_per_epoch} steps/epoch, {net.encoder.grid} tokens per clip, "
+              f"{int(net.encoder.pos_embed.shape[1] * (1 - args.mask_ratio))} visible")
+
+    for epoch in range(run.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        gen = torch.Generator(ctx.device).manual_seed(seed_for(args.seed, epoch, ctx.rank))  # masks, on device
+        torch.manual_seed(seed_for(args.seed + 1, epoch, ctx.rank))
+
+        def step(clips, labels):
+            B = clips.shape[0]
+            m = masks.MASKS[args.mask_type](B, grid, args.mask_ratio, generator=gen, device=ctx.device)
+            d = None if args.decoder_mask_type == "none" else masks.running_cell_mask(
+                B, grid, args.decoder_mask_ratio, generator=gen, device=ctx.device)
+            return model(clips, m, d)[0]
+
+        stats = train_epoch(model, loader, optimizer, run, epoch, step, args, ctx)
+        run.end_epoch(epoch, stats, picture=lambda path: reconstruction_png(net, demo_clip, args, ctx, path))
+    run.close()
+
+
+def reconstruction_png(net, clip, args, ctx, path):
+    """Original frames / masked input / reconstruction of one clip, one row each, every second frame.
+    The model predicts each hidden tubelet's pixels normalised by that tubelet's own mean and std (norm_pix_loss);
+    to draw them we re-use the true tubelet's mean and std, as the reference code does: colours and brightness of
+    the hidden patches in the picture are borrowed from the original; only the structure is the model's."""
+    net.eval()
+    enc = net.encoder
+    video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)
+    m = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+    with torch.no_grad(), autocast(args, ctx):
+        _, pred = net(video, m)
+    patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()  # (1, N, P*C)
+    pixels = models.reconstruction_target(patches, norm_pix_loss=False)  # [0, 1]
+    rows = [pixels, torch.where(m[..., None], torch.full_like(pixels, 0.5), pixels)]
+    recon = pixels.clone()
+    hidden = pixels[m].unflatten(-1, (-1, 3))  # (n, P, 3)
+    p = pred[0].float().unflatten(-1, (-1, 3))
+    if net.norm_pix_loss:
+        p = p * (hidden.var(dim=-2, keepdim=True).sqrt() + 1e-6) + hidden.mean(dim=-2, keepdim=True)
+    recon[m] = p.flatten(-2).clamp(0, 1)
+    rows.append(recon)
+    frames = [models.unpatchify(r, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2] for r in rows]
+    img = torch.cat([torch.cat(list(f.permute(1, 2, 3, 0)), dim=1) for f in frames], dim=0)  # (3H, T/2*W, 3)
+    img = (img.cpu().numpy()[..., ::-1] * 255).round().astype(np.uint8)
+    caption = np.full((22, img.shape[1], 3), 255, np.uint8)
+    cv2.putText(caption, "original / masked input / rebuilt (hidden patches use the true patch mean+std)",
+                (2, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    atomic_write(path, lambda tmp: cv2.imwrite(tmp, np.concatenate([img, caption])), suffix=".png")
+    net.train()
+
+
+# ============================================================================= shared with finetune.py
+
+def common_parser(doc, paper, demo):
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    arg = p.add_argument
+    arg("--model", choices=list(models.PRESETS), help=f"model size (default {paper['model']}; demo {demo['model']})")
+    arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos (default: the demo set)")
+    arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"], help="format of --data_path (guessed if absent)")
+    arg("--split", type=int, default=1, choices=[1, 2, 3], help="official UCF101/HMDB51 split")
+    arg("--output_dir", help="where logs and checkpoints go (default runs/<script>-<data>)")
+    for name, kind, hint in [("batch_size", int, "videos per process and step"), ("epochs", int, ""),
+                             ("input_size", int, "crop size in pixels"), ("num_frames", int, "frames per clip"),
+                             ("sampling_rate", int, "frame stride"), ("warmup_epochs", float, ""),
+                             ("blr", float, "base lr: lr = blr * total batch / 256"),
+                             ("num_sample", int, "clips drawn from each decoded video (repeated sampling)"),
+                             ("save_ckpt_freq", int, "epochs between numbered checkpoints")]:
+        arg(f"--{name}", type=kind, help=f"{hint} (paper {paper.get(name)}, demo {demo.get(name)})")
+    arg("--per_class", type=int, help="train on the first N videos of each class only (data-efficiency studies)")
+    arg("--lr", type=float, help="absolute lr; overrides --blr")
+    arg("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine")
+    arg("--weight_decay", type=float, default=0.05)
+    arg("--clip_grad", type=float, help="clip the gradient norm to this value")
+    arg("--accum_iter", type=int, default=1, help="steps of gradient accumulation per optimizer step")
+    arg("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per GPU")
+    arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+    arg("--compile", action="store_true", help="torch.compile the model")
+    arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory for large models")
+    arg("--seed", type=int, default=0)
+    return p
+
+
+def finish_args(parser, argv, paper, demo):
+    """Parse, fill the recipe's defaults (the demo's without --data_path) and reject bad values with one line."""
+    args = parser.parse_args(argv)
+    args.demo = args.data_path is None
+    for key, value in (demo if args.demo else paper).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.demo:
+        args.data_path, args.data_set = str(data.make_demo_dataset("data/demo")), "list"
+    elif not os.path.exists(args.data_path):
+        parser.error(f"--data_path {args.data_path} does not exist")
+    script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
+    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set or 'data'}")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.num_frames % 2:
+        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size 2")
+    if args.input_size % 16:
+        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size 16")
+    for name in ("batch_size", "epochs", "sampling_rate", "num_sample", "accum_iter", "save_ckpt_freq", "per_class"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    return args
+
+
+class Context:
+    """Where this process runs: rank, world size, device; only rank 0 prints."""
+
+    def __init__(self, args):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.world > 1:  # started by torchrun: nccl between GPUs, gloo between CPU processes
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def print(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+
+def setup(args):
+    ctx = Context(args)
+    total = args.batch_size * ctx.world * args.accum_iter * args.num_sample  # clips per optimizer step
+    if args.lr is None:
+        args.lr = args.blr * total / 256
+    ctx.print(f"base lr {args.blr:.3g} x total batch {total} / 256 = lr {args.lr:.3g}"
+              f" ({args.batch_size} videos x {args.num_sample} clips x {ctx.world} processes x {args.accum_iter} accum)")
+    torch.manual_seed(args.seed)
+    return ctx
+
+
+def training_subset(samples, args):
+    """The first --per_class training videos of each class; all of them without the flag."""
+    kept, count = [], {}
+    for path, label in samples:
+        count[label] = count.get(label, 0) + 1
+        if args.per_class is None or count[label] <= args.per_class:
+            kept.append((path, label))
+    return kept
+
+
+def seed_for(seed, epoch, rank):
+    """A seed for one epoch of one process: a resumed run replays exactly what the uninterrupted one would."""
+    return (seed * 1_000_003 + epoch) * 1009 + rank
+
+
+def fused_if_cuda(ctx):
+    return {"fused": True} if ctx.device.type == "cuda" else {}
+
+
+def param_groups(model, weight_decay, layer_decay=None):
+    """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with layer_decay,
+    lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1 for fc_norm and head."""
+    depth = len(model.blocks) if hasattr(model, "blocks") else 0
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and name != "mask_token"
+        layer = (0 if name.startswith("patch_embed") else int(name.split(".")[1]) + 1 if name.startswith("blocks.")
+                 else depth + 1)
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        g = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def lr_at(epoch, args):
+    """Linear warmup from 0, then a cosine down to min_lr; `epoch` is fractional (a pure function)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def autocast(args, ctx):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    return torch.autocast(ctx.device.type, dtype) if dtype else contextlib.nullcontext()
+
+
+def make_loader(dataset, args, ctx, train):
+    from torch.utils.data import DataLoader, DistributedSampler
+    sampler = DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed, drop_last=train)
+    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
+                        pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if args.num_workers else None)
+    return loader, sampler
+
+
+def wrap(net, args, ctx):
+    model = torch.compile(net) if args.compile else net
+    if ctx.world > 1:
+        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return model
+
+
+def all_sum(values, ctx):
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
+    """One epoch of `loss = step(clips, labels)` with accumulation, lr schedule, clipping and the epoch's figures."""
+    model.train()
+    n_steps = len(loader) // args.accum_iter
+    loss_sum, clips, subst, wait, t0 = torch.zeros((), device=ctx.device), 0, 0, 0.0, time.perf_counter()
+    bar = tqdm(total=n_steps, desc=f"epoch {epoch}", disable=not ctx.main, dynamic_ncols=True)
+    batches, it = iter(loader), 0
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    for it in range(n_steps * args.accum_iter):
+        tw = time.perf_counter()
+        video, labels, _, substituted = next(batches)
+        wait += time.perf_counter() - tw
+        video = data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1))  # (B*num_sample, 3, T, H, W)
+        labels = labels.to(ctx.device).repeat_interleave(args.num_sample)
+        lr = lr_at(epoch + it / (n_steps * args.accum_iter), args)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        sync = (it + 1) % args.accum_iter == 0
+        with (contextlib.nullcontext() if sync or ctx.world == 1 else model.no_sync()), autocast(args, ctx):
+            loss = step(video, labels)
+        run.scaler.scale(loss / args.accum_iter).backward()
+        if sync:
+            if args.clip_grad:
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        clips, subst = clips + video.shape[0], subst + int(substituted.sum())
+        if it % 10 == 0 or it == n_steps * args.accum_iter - 1:
+            check_finite(loss_sum, epoch, it, run, ctx)
+            bar.set_postfix(loss=f"{loss_sum.item() / (it + 1):.4f}", lr=f"{lr:.2e}",
+                            clips_s=f"{clips * ctx.world / (time.perf_counter() - t0):.1f}")
+        bar.update(sync)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    total_loss, total_clips, total_subst, total_steps = all_sum([loss_sum.item(), clips, subst, it + 1], ctx)
+    peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"epoch": epoch, "loss": total_loss / total_steps, "lr": lr, "clips_per_s": total_clips / elapsed,
+            "data_wait": wait / elapsed, "peak_mem_mb": round(peak), "substituted": int(total_subst),
+            "epoch_s": elapsed}
+
+
+def check_finite(loss_sum, epoch, it, run, ctx):
+    if all_sum([float(not torch.isfinite(loss_sum))], ctx)[0] > 0:  # every process stops together
+        ctx.print(f"loss is not finite at epoch {epoch} step {it}: stopping. The last good checkpoint is "
+                  f"{run.latest}; lower --lr or --blr, or use --dtype bf16 instead of fp16, then rerun to resume.")
+        run.close()
+        sys.exit(1)
+
+
+def atomic_write(path, write, suffix=""):
+    """write(tmp_path), then rename: a reader (or a killed run) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class Run:
+    """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one."""
+
+    def __init__(self, args, ctx, net, optimizer):
+        self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
+        self.log_path = os.path.join(args.output_dir, "log.jsonl")
+        self.latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
+        self.start_epoch = 0
+        resume = args.resume or (self.latest if os.path.exists(self.latest) else None)
+        if optimizer is None:  # evaluation only: weights were loaded by the caller
+            resume = None
+        if resume:
+            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.start_epoch = ckpt["epoch"] + 1
+            ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
+        if ctx.main:
+            os.makedirs(args.output_dir, exist_ok=True)
+            # a killed run may have logged epochs that its checkpoint does not hold: they are run again
+            old = [line for line in open(self.log_path)] if resume and os.path.exists(self.log_path) else []
+            keep = [line for line in old if json.loads(line).get("epoch", -1) < self.start_epoch]
+            config = {"config": {k: v for k, v in vars(args).items()}, "world_size": ctx.world,
+                      "resumed_at_epoch": self.start_epoch if resume else None}
+            atomic_write(self.log_path, lambda tmp: write_text(tmp, "".join(keep) + json.dumps(config) + "\n"))
+
+    def log(self, record):
+        if self.ctx.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def end_epoch(self, epoch, stats, picture=None):
+        """Checkpoint (latest every epoch, numbered every save_ckpt_freq and at the end), then log."""
+        args, ctx = self.args, self.ctx
+        last = epoch + 1 == args.epochs
+        if ctx.main:
+            ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(args)}
+            atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
+            if (epoch + 1) % args.save_ckpt_freq == 0 or last:
+                atomic_write(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"), lambda tmp: torch.save(ckpt, tmp))
+                if picture:
+                    picture(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"))
+        self.log(stats)
+        ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+
+    def close(self):
+        if self.ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
