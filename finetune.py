@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import data
 import model as models
-from pretrain import (Run, atomic_write, autocast, common_parser, finish_args, fused_if_cuda, make_loader, param_groups,
+from pretrain import (Run, atomic_write, autocast, common_parser, finish_args, make_loader, param_groups,
                       seed_for, setup, train_epoch, training_subset, wrap)
 
 # Reference UCF101 recipe (blr 5e-4, layer decay 0.7, drop path 0.2, 100 epochs, 5 clips x 3 crops at test).
@@ -92,7 +92,7 @@ def main(argv=None):
     val_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                 sampling=args.sampling, test_num_segment=1, test_num_crop=1, seed=args.seed)
     optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay, args.layer_decay), lr=args.lr,
-                                  betas=(0.9, 0.999), **fused_if_cuda(ctx))
+                                  betas=(0.9, 0.999), fused=True)
     run = Run(args, ctx, net, optimizer)
     loader, sampler = make_loader(train_set, args, ctx, train=True)
     model = wrap(net, args, ctx)

@@ -58,8 +58,7 @@ def main(argv=None):
     grid = net.encoder.grid
     if args.decoder_mask_type == "run_cell" and (grid[1] % 2 or grid[2] % 2):
         parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size {args.input_size} gives {grid[1]}x{grid[2]}")
-    optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=tuple(args.opt_betas),
-                                  **fused_if_cuda(ctx))
+    optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=tuple(args.opt_betas), fused=True)
     run = Run(args, ctx, net, optimizer)
     loader, sampler = make_loader(dataset, args, ctx, train=True)
     model = wrap(net, args, ctx)
@@ -221,10 +220,6 @@ def seed_for(seed, epoch, rank):
     return (seed * 1_000_003 + epoch) * 1009 + rank
 
 
-def fused_if_cuda(ctx):
-    return {"fused": True} if ctx.device.type == "cuda" else {}
-
-
 def param_groups(model, weight_decay, layer_decay=None):
     """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with layer_decay,
     lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1 for fc_norm and head."""
@@ -365,6 +360,9 @@ class Run:
             ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
         if ctx.main:
             os.makedirs(args.output_dir, exist_ok=True)
+            for name in os.listdir(args.output_dir):  # half-written files of a killed run
+                if ".tmp" in name:
+                    os.remove(os.path.join(args.output_dir, name))
             # a killed run may have logged epochs that its checkpoint does not hold: they are run again
             old = [line for line in open(self.log_path)] if resume and os.path.exists(self.log_path) else []
             keep = [line for line in old if json.loads(line).get("epoch", -1) < self.start_epoch]

@@ -709,3 +709,176 @@ def test_demo_classes_need_motion(tmp_path):
         fx, fy = np.median(flow[diff > np.percentile(diff, 97)], 0)
         right += [fx > 1, fx < -1, fy > 1, fy < -1][label]
     assert right >= 0.6 * len(samples)
+
+
+# ----------------------------------------------------------------------------- the scripts, end to end
+
+import pretrain  # noqa: E402
+import finetune  # noqa: E402
+
+SMALL_RUN = ["--model", "tiny", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--batch_size", "2",
+             "--num_workers", "0", "--warmup_epochs", "1", "--save_ckpt_freq", "1", "--device", "cpu"]
+
+
+def clip_video(path, bright, seed, n=24, size=(48, 40)):
+    """A small textured clip; `bright` sets its overall level (two classes any model separates)."""
+    rng = np.random.default_rng(seed)
+    W, H = size
+    tex = cv2.GaussianBlur(rng.integers(0, 256, (H, W + n, 3)).astype(np.uint8), (0, 0), 1.5)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"XVID"), 25, size)
+    for t in range(n):
+        frame = tex[:, t:t + W] // 3 + (150 if bright else 20)
+        writer.write(np.ascontiguousarray(frame))
+    writer.release()
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    """dark/ and bright/ videos with train.txt (4 per class) and val.txt (3 per class, an odd total)."""
+    root = tmp_path_factory.mktemp("two_classes")
+    lines = {"train.txt": [], "val.txt": []}
+    for label, name in enumerate(["dark", "bright"]):
+        (root / name).mkdir()
+        for k in range(7):
+            clip_video(root / name / f"{k}.avi", label, seed=10 * label + k)
+            lines["train.txt" if k < 4 else "val.txt"].append(f"{name}/{k}.avi {label}\n")
+    lines["val.txt"].pop()  # 5 test videos: a distributed sampler over 2 processes must pad one
+    for name, rows in lines.items():
+        (root / name).write_text("".join(rows))
+    return root
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_frames", "15"], "--num_frames 15 is not a multiple of the tubelet size 2"),
+    (["--input_size", "100"], "--input_size 100 is not a multiple of the patch size 16"),
+    (["--mask_ratio", "1.2"], "--mask_ratio 1.2 must lie strictly between 0 and 1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--data_path", "/no/such/folder"], "--data_path /no/such/folder does not exist"),
+])
+def test_pretrain_rejects_bad_arguments(argv, message, capsys, two_classes):
+    argv = (["--data_path", str(two_classes)] if "--data_path" not in argv else []) + argv
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, two_classes):
+    out = tmp_path / "a"
+    argv = ["--data_path", str(two_classes), "--data_set", "list", *SMALL_RUN, "--epochs", "4", "--blr", "0.05",
+            "--mask_ratio", "0.75", "--output_dir"]
+    pretrain.main(argv + [str(out)])
+    log = read_log(out)
+    assert "config" in log[0] and [r["epoch"] for r in log[1:]] == [0, 1, 2, 3]
+    for key in ("loss", "lr", "clips_per_s", "data_wait", "peak_mem_mb", "substituted"):
+        assert all(key in r for r in log[1:])
+    assert all(math.isfinite(r["loss"]) for r in log[1:]) and log[-1]["loss"] < log[1]["loss"]
+    assert (out / "recon-0003.png").exists() and cv2.imread(str(out / "recon-0003.png")) is not None
+    # a run stopped after epoch 1: its newest checkpoint is the numbered one of epoch 1
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    (resumed / "checkpoint-latest.pth").write_bytes((out / "checkpoint-0001.pth").read_bytes())
+    pretrain.main(argv + [str(resumed)])
+    assert [r["epoch"] for r in read_log(resumed) if "epoch" in r] == [2, 3]
+    assert read_log(resumed)[-1]["loss"] == log[-1]["loss"]
+    a, b = (torch.load(d / "checkpoint-latest.pth", weights_only=True) for d in (out, resumed))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    for k, state in a["optimizer"]["state"].items():
+        torch.testing.assert_close(state["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"], rtol=0, atol=0)
+
+
+def test_pretrain_decoder_mask_repeated_sampling_and_nonfinite_stop(tmp_path, two_classes, monkeypatch, capsys):
+    out = tmp_path / "dual"
+    pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--input_size", "64", "--epochs", "1",
+                   "--decoder_mask_type", "run_cell", "--num_sample", "2", "--output_dir", str(out)])
+    assert read_log(out)[-1]["clips_per_s"] > 0 and "lr 0.0001 x" not in capsys.readouterr().out
+    forward = MD.VideoMAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):  # the loss turns NaN in the second epoch
+        calls["n"] += 1
+        loss, pred = forward(self, *a, **k)
+        return (loss * float("nan") if calls["n"] > 4 else loss), pred
+
+    monkeypatch.setattr(MD.VideoMAE, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "3", "--output_dir", str(out)])
+    assert stop.value.code == 1 and "loss is not finite at epoch 1" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 0  # the last good one
+
+
+def test_finetune_learns_a_separable_set_and_evals_a_pretraining_checkpoint(tmp_path, two_classes, capsys):
+    pre = tmp_path / "pre"
+    pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--output_dir", str(pre)])
+    out = tmp_path / "ft"
+    finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "6", "--blr", "0.02", "--mixup", "0",
+                   "--cutmix", "0", "--smoothing", "0", "--aa", "none", "--reprob", "0", "--drop_path", "0",
+                   "--test_num_segment", "2", "--test_num_crop", "3", "--finetune", str(pre / "checkpoint-latest.pth"),
+                   "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "starting fresh as expected: fc_norm.weight, fc_norm.bias, head.weight, head.bias" in printed
+    test = read_log(out)[-1]["test"]
+    assert test["num_videos"] == 5 and test["views"] == 6 and test["top1"] == 1.0 and test["mean_class_acc"] == 1.0
+    assert all(0 <= test[k] <= 1 for k in ("top1", "top5", "mean_class_acc"))
+    assert (out / "confusion.png").exists() and all("val_top1" in r for r in read_log(out)[1:-1])
+    # --eval alone reproduces the final test of the saved weights
+    finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval", "--test_num_segment", "2", "--test_num_crop",
+                   "3", "--resume", str(out / "checkpoint-latest.pth"), "--output_dir", str(tmp_path / "ev")])
+    assert read_log(tmp_path / "ev")[-1]["test"] == test
+    with pytest.raises(SystemExit) as stop:
+        finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval"])
+    assert stop.value.code == 2 and "--eval needs the weights" in capsys.readouterr().err
+
+
+def torchrun(script, *argv, cwd):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *argv]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_torchrun_two_cpu_processes_pretrain_and_count_every_test_video_once(tmp_path, two_classes):
+    here = str(__import__("pathlib").Path(__file__).parent)
+    pre = tmp_path / "pre"
+    out = torchrun("pretrain.py", "--data_path", str(two_classes), *SMALL_RUN, "--epochs", "2",
+                   "--output_dir", str(pre), cwd=here)
+    assert "x 2 processes" in out
+    assert [r["epoch"] for r in read_log(pre)[1:]] == [0, 1] and read_log(pre)[0]["world_size"] == 2
+    ckpt = str(pre / "checkpoint-latest.pth")
+    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", ckpt, "--eval"]
+    torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
+    finetune.main(["--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "s")])
+    ddp, single = read_log(tmp_path / "d")[-1]["test"], read_log(tmp_path / "s")[-1]["test"]
+    assert ddp["num_videos"] == single["num_videos"] == 5
+    assert ddp["top1"] == single["top1"] and ddp["mean_class_acc"] == single["mean_class_acc"]
+
+
+def test_sigkill_loses_at_most_the_current_epoch(tmp_path, two_classes):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "pretrain.py", "--data_path", str(two_classes), *SMALL_RUN, "--epochs", "3",
+           "--save_ckpt_freq", "100", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.Popen(cmd, cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-latest.pth").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)  # somewhere in epoch 1 (or while it writes)
+    run.wait()
+    assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] >= 0
+    subprocess.run(cmd, cwd=here, env=env, check=True, capture_output=True, timeout=600)
+    epochs = [r["epoch"] for r in read_log(out) if "epoch" in r]
+    assert epochs == [0, 1, 2]  # each epoch logged once, none lost
