@@ -209,7 +209,7 @@ def _render(frames, indices, box, size, flip):
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted): V = num_sample clips of one decode
+    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted): V = num_sample crops of one decoded clip
     (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in 'test' mode.
     An unreadable video is replaced by the next sample (whose label is returned) and counted in
     `substituted`; over max_bad_fraction (and at least 3) unreadable files raise."""
@@ -253,8 +253,9 @@ class VideoDataset(torch.utils.data.Dataset):
         cap, n = _open(path)
         # Per-item generator from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed by manual_seed.
         rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
-        clips = [c for _ in range(1 if self.mode == 'test' else self.num_sample)
-                 for c in clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)]
+        clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
+        if self.mode != 'test':  # repeated sampling, as the reference: the same frames, augmented num_sample times
+            clips = clips * self.num_sample
         frames = _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
         H, W = next(iter(frames.values())).shape[:2]
         if self.mode == 'test':

@@ -55,14 +55,19 @@ def unpatchify(x, grid, tubelet_size, patch_size, channels=3):
 
 def reconstruction_target(patches, norm_pix_loss=True, channels=3):
     """Sec. 3.3: the pixels to rebuild, from patchified ImageNet-normalised tokens (B, n, P*C).
-    The normalisation is undone (pixels in [0, 1]); with norm_pix_loss each token is then normalised per
-    channel over its P pixels: (x - mean) / (unbiased std + 1e-6), as in the reference code."""
-    mean = patches.new_tensor(IMAGENET_MEAN[:channels])
-    std = patches.new_tensor(IMAGENET_STD[:channels])
-    x = patches.unflatten(-1, (-1, channels)) * std + mean  # (B, n, P, C)
+    The reference undoes the normalisation (pixels in [0, 1]) and, with norm_pix_loss, normalises each token per
+    channel over its P pixels: (y - mean) / (unbiased std + 1e-6). For y = std_c * x + mean_c that equals
+    (x - mean) / (std + 1e-6 / std_c) on the normalised pixels x, computed here channel-major (fast reductions)."""
+    B, n, D = patches.shape
+    x = patches.view(B, n, D // channels, channels).transpose(-1, -2).contiguous()  # (B, n, C, P)
+    mean = x.new_tensor(IMAGENET_MEAN[:channels]).view(channels, 1)
+    std = x.new_tensor(IMAGENET_STD[:channels]).view(channels, 1)
     if norm_pix_loss:
-        x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, keepdim=True).sqrt() + 1e-6)
-    return x.flatten(-2)
+        var, mu = torch.var_mean(x, dim=-1, keepdim=True)  # unbiased, as the reference
+        x = (x - mu) / (var.sqrt() + 1e-6 / std)
+    else:
+        x = x * std + mean
+    return x.transpose(-1, -2).flatten(-2)  # (B, n, P*C), pixels in (t, h, w, c) order
 
 
 def drop_path(x, p, training):
