@@ -882,3 +882,17 @@ def test_sigkill_loses_at_most_the_current_epoch(tmp_path, two_classes):
     subprocess.run(cmd, cwd=here, env=env, check=True, capture_output=True, timeout=600)
     epochs = [r["epoch"] for r in read_log(out) if "epoch" in r]
     assert epochs == [0, 1, 2]  # each epoch logged once, none lost
+
+
+def test_bench_smoke_run_has_every_row(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "bench.py", "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=str(__import__("pathlib").Path(__file__).parent))
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = " | ".join(r["name"] for r in json.loads(out.read_text())["rows"])
+    for row in ["matmul peak", "step ours bf16", "step ours fp32", "step HF", "peak memory ours / HF",
+                "ours bf16 / ours fp32", "bf16 vs fp32 loss", "clips floor", "clips reference", "clips ours: VideoDataset",
+                "num_sample=2", "clips ours / reference", "clips ours / floor", "DataLoader, 1 worker", "2 workers"]:
+        assert row in names, row
