@@ -332,26 +332,37 @@ def load_samples(data_path, data_set=None, split=1, train=True):
 DEMO_CLASSES = ('right', 'left', 'down', 'up', 'clockwise', 'anticlockwise')
 
 
-def _demo_video(path, cls, rng, num_frames, W=128, H=96):
-    """A textured polygon on a textured background, sliding (wrapping round the borders) or spinning by
-    class: any single frame shows a polygon somewhere on noise; only the motion tells the classes apart."""
-    blur = lambda sigma: cv2.GaussianBlur(rng.integers(0, 256, (H, W, 3)).astype(np.uint8), (0, 0), sigma)
-    bg = blur(rng.uniform(1, 3)) * rng.uniform(0.3, 1, 3)
-    angles = np.sort(rng.uniform(0, 2 * np.pi, 6))  # polygon drawn at the centre, shown at a random offset
-    pts = (W / 2, H / 2) + rng.uniform(8, 16, (6, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)
-    mask = cv2.fillPoly(np.zeros((H, W), np.float32), [np.round(pts).astype(np.int32)], 1)
-    sprite = np.dstack([blur(1) * rng.uniform(0.3, 1, 3), mask]).astype(np.float32)
-    offset, speed, spin = rng.uniform((0, 0), (W, H)), rng.uniform(1, 2), rng.uniform(3, 6)  # px, deg / frame
+def _demo_video(path, cls, rng, num_frames, W=128, H=96, S=64):
+    """Three striped polygons on a plain background, all sliding one way (wrapping round the borders) or all
+    spinning, by class: a single frame shows shapes somewhere, only the motion tells the classes apart. The
+    stripes give each patch structure to rebuild; the plain background gives nothing to guess."""
+    speed, spin = rng.uniform(1.5, 3), rng.uniform(4, 8)  # pixels or degrees per frame
     vx, vy, va = {'right': (speed, 0, 0), 'left': (-speed, 0, 0), 'down': (0, speed, 0), 'up': (0, -speed, 0),
                   'clockwise': (0, 0, -spin), 'anticlockwise': (0, 0, spin)}[cls]
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    sprites = []
+    for _ in range(3):  # RGBA sprites centred in a frame-sized canvas, each at its own offset
+        k = rng.integers(3, 7)
+        angles = np.sort(rng.uniform(0, 2 * np.pi, k))
+        pts = S / 2 + rng.uniform(10, 22, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)
+        alpha = cv2.fillPoly(np.zeros((S, S), np.float32), [np.round(pts).astype(np.int32)], 1)
+        theta, period = rng.uniform(0, np.pi), rng.uniform(6, 14)
+        wave = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+        canvas = np.zeros((H, W, 4), np.float32)
+        canvas[(H - S) // 2:(H + S) // 2, (W - S) // 2:(W + S) // 2] = np.dstack(
+            [rng.uniform(60, 200, 3) + wave[..., None] * rng.uniform(-60, 60, 3), alpha])
+        sprites.append((canvas, rng.uniform((0, 0), (W, H))))
+    background = np.zeros((H, W, 3), np.float32) + rng.uniform(40, 215, 3)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
     if not writer.isOpened():
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
     for t in range(num_frames):
-        s = cv2.warpAffine(sprite, cv2.getRotationMatrix2D((W / 2, H / 2), va * t, 1), (W, H))
-        shift = np.float32([[1, 0, offset[0] + vx * t], [0, 1, offset[1] + vy * t]])
-        s = cv2.warpAffine(s, shift, (W, H), borderMode=cv2.BORDER_WRAP)
-        frame = np.where(s[..., 3:] > 0.5, s[..., :3], bg) + rng.normal(0, 6, (H, W, 3))
+        frame = background
+        for canvas, (ox, oy) in sprites:
+            s = cv2.warpAffine(canvas, cv2.getRotationMatrix2D((W / 2, H / 2), va * t, 1), (W, H))
+            shift = np.float32([[1, 0, ox + vx * t], [0, 1, oy + vy * t]])
+            s = cv2.warpAffine(s, shift, (W, H), borderMode=cv2.BORDER_WRAP)
+            frame = np.where(s[..., 3:] > 0.5, s[..., :3], frame)
         writer.write(np.clip(frame, 0, 255).astype(np.uint8))
     writer.release()
 
@@ -363,7 +374,7 @@ def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=50, val_
     half dataset, and of calls racing for one root (distributed ranks) the first to finish provides it."""
     root = Path(root)
     meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
-                num_frames=num_frames, seed=seed, version=1)
+                num_frames=num_frames, seed=seed, version=2)
 
     def complete():  # meta.json is written last, so a root that has it holds a whole set
         return (root / 'meta.json').is_file() and json.loads((root / 'meta.json').read_text()) == meta

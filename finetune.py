@@ -17,14 +17,15 @@ import torch.nn.functional as F
 
 import data
 import model as models
-from pretrain import (Run, atomic_write, autocast, common_parser, finish_args, make_loader, param_groups,
+from pretrain import (Run, all_sum, atomic_write, autocast, common_parser, finish_args, make_loader, param_groups,
                       seed_for, setup, train_epoch, training_subset, wrap)
 
 # Reference UCF101 recipe (blr 5e-4, layer decay 0.7, drop path 0.2, 100 epochs, 5 clips x 3 crops at test).
 PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
-             warmup_epochs=5, blr=5e-4, num_sample=2, save_ckpt_freq=10, layer_decay=0.7, drop_path=0.2)
+             warmup_epochs=5, blr=5e-4, num_sample=2, save_ckpt_freq=10, layer_decay=0.7, drop_path=0.2, no_flip=False)
 DEMO = dict(model="tiny", input_size=96, num_frames=8, sampling_rate=4, batch_size=8, epochs=30,
-            warmup_epochs=3, blr=1e-3, num_sample=2, save_ckpt_freq=10, layer_decay=0.75, drop_path=0.1)
+            warmup_epochs=3, blr=1e-2, num_sample=2, save_ckpt_freq=10, layer_decay=0.75, drop_path=0.1,
+            no_flip=True)  # the demo's classes are directions: a mirrored clip would change its class
 DEMO_PRETRAINED = "runs/pretrain-demo/checkpoint-latest.pth"
 
 
@@ -44,7 +45,8 @@ def main(argv=None):
     arg("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
     arg("--aa", default="rand-m7-n4-mstd0.5-inc1", help="RandAugment policy, or 'none'")
     arg("--reprob", type=float, default=0.25, help="random erasing probability")
-    arg("--no_flip", action="store_true", help="no horizontal flip (for classes that name a direction)")
+    arg("--no_flip", action="store_true", default=None,
+        help="no horizontal flip, for classes that name a direction (default: flip, but not on the demo set)")
     arg("--sampling", choices=["i3d", "segment"], default="i3d", help="frame sampling: i3d (UCF/HMDB/K400), segment (SSv2)")
     arg("--test_num_segment", type=int, default=5, help="clips per test video")
     arg("--test_num_crop", type=int, default=3, help="crops per test clip")
@@ -165,25 +167,26 @@ def predict_and_score(net, dataset, args, ctx, want_probs=False):
     """Every view of every video through the model, softmax averaged per video, across all processes."""
     net.eval()
     loader, _ = make_loader(dataset, args, ctx, train=False)
-    idx, out = [], []
+    idx, out, substituted = [], [], 0
     with torch.no_grad():
-        for video, _, index, _ in loader:
+        for video, _, index, subst in loader:
             B, V = video.shape[:2]
             with autocast(args, ctx):
                 logits = net(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
             out.append(logits.float().softmax(-1).view(B, V, -1).cpu())
             idx.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
+            substituted += int(subst.sum())
+    net.train()
     idx, out = gather(torch.cat(idx).flatten(0, 1), ctx), gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, 2), (rows, C)
     probs, seen = merge_views(idx, out, len(dataset))
     labels = torch.tensor([label for _, label in dataset.samples])
-    net.train()
-    pred = probs.argmax(1)
-    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-    correct = (pred == labels)[seen]
-    per_class = [correct[labels[seen] == c].float().mean().item() for c in labels[seen].unique().tolist()]
-    scores = {"top1": correct.float().mean().item(), "top5": (top5 == labels[:, None]).any(1)[seen].float().mean().item(),
-              "mean_class_acc": float(np.mean(per_class)), "num_videos": int(seen.sum()),
-              "views": V}
+    pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
+    correct, labels_seen = (pred == labels)[seen], labels[seen]
+    per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
+    scores = {"top1": correct.float().mean().item(),
+              "top5": (top5 == labels[:, None]).any(1)[seen].float().mean().item(),
+              "mean_class_acc": float(np.mean(per_class)), "num_videos": int(seen.sum()), "views": V,
+              "substituted": int(all_sum([substituted], ctx)[0])}
     return (scores, pred, labels) if want_probs else scores
 
 

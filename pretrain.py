@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import sys
+import textwrap
 import time
 
 import cv2
@@ -108,9 +109,12 @@ def reconstruction_png(net, clip, args, ctx, path):
     frames = [models.unpatchify(r, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2] for r in rows]
     img = torch.cat([torch.cat(list(f.permute(1, 2, 3, 0)), dim=1) for f in frames], dim=0)  # (3H, T/2*W, 3)
     img = (img.cpu().numpy()[..., ::-1] * 255).round().astype(np.uint8)
-    caption = np.full((22, img.shape[1], 3), 255, np.uint8)
-    cv2.putText(caption, "original / masked input / rebuilt (hidden patches use the true patch mean+std)",
-                (2, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    text = "top: original; middle: encoder input; bottom: rebuilt, " + (
+        "hidden patches drawn with the true patch mean and std" if net.norm_pix_loss else "hidden patches as predicted")
+    lines = textwrap.wrap(text, img.shape[1] // 6)
+    caption = np.full((14 * len(lines) + 4, img.shape[1], 3), 255, np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(caption, line, (2, 13 + 14 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
     atomic_write(path, lambda tmp: cv2.imwrite(tmp, np.concatenate([img, caption])), suffix=".png")
     net.train()
 
