@@ -199,13 +199,17 @@ def random_erase(clip, rng):
     return clip
 
 
-def _render(frames, indices, box, size, flip):
-    """uint8 (T, size, size, 3) RGB: crop the BGR frames first, then bilinear resize, then colour-convert."""
+def _render(frames, indices, box, size, flip, out):
+    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames first, then bilinear resize
+    straight into `out`, then colour-convert (and flip) in place: no copy of the clip is made."""
     x, y, w, h = box
-    out = np.concatenate([cv2.resize(frames[i][y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_LINEAR)
-                          for i in indices])
-    out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
-    return (cv2.flip(out, 1) if flip else out).reshape(len(indices), size, size, 3)  # rows flip per frame
+    for t, i in enumerate(indices):
+        cv2.resize(frames[i][y:y + h, x:x + w], (size, size), dst=out[t], interpolation=cv2.INTER_LINEAR)
+    rows = out.reshape(-1, size, 3)  # the frames stacked vertically: one OpenCV call for the clip
+    cv2.cvtColor(rows, cv2.COLOR_BGR2RGB, dst=rows)
+    if flip:  # mirror each row: every frame flips left-right
+        cv2.flip(rows, 1, dst=rows)
+    return out
 
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -259,17 +263,20 @@ class VideoDataset(torch.utils.data.Dataset):
         frames = _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
         H, W = next(iter(frames.values())).shape[:2]
         if self.mode == 'test':
-            return np.stack([_render(frames, c, box, self.size, False)
-                             for c in clips for box in eval_crop_boxes(H, W, self.crops)])
-        views = []
-        for c in clips:  # pre-training: multi-scale crop (no flip by default); fine-tuning: the rest below
+            boxes = [(c, box) for c in clips for box in eval_crop_boxes(H, W, self.crops)]
+            out = np.empty((len(boxes), len(clips[0]), self.size, self.size, 3), np.uint8)
+            for view, (c, box) in zip(out, boxes):
+                _render(frames, c, box, self.size, False, view)
+            return out
+        out = np.empty((len(clips), len(clips[0]), self.size, self.size, 3), np.uint8)
+        for view, c in zip(out, clips):  # pre-training: multi-scale crop (no flip by default); fine-tuning: the rest
             box = multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else resized_crop_box(H, W, rng)
-            views.append(_render(frames, c, box, self.size, self.flip and rng.random() < 0.5))
+            _render(frames, c, box, self.size, self.flip and rng.random() < 0.5, view)
             if self.mode == 'train' and self.aa:  # the reference augments full frames before the crop: dearer
-                views[-1] = rand_augment(views[-1], rng, *self.aa)
+                view[:] = rand_augment(view, rng, *self.aa)
             if self.mode == 'train' and rng.random() < self.reprob:
-                random_erase(views[-1], rng)
-        return np.stack(views)
+                random_erase(view, rng)
+        return out
 
 
 def _lines(path):

@@ -237,8 +237,12 @@ class VideoMAE(nn.Module):
         B, N, _ = patches.shape
         if mask.shape != (B, N):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {B} clips of {N} tokens (grid {grid})")
-        x = self.encoder_to_decoder(enc(patches, mask))  # (B, N_vis, D_dec)
         rebuild = mask if decode_mask is None else ~decode_mask  # tokens the decoder is asked for
+        with torch.no_grad():  # the target first, while little memory is in use
+            target = reconstruction_target(patches[rebuild].view(B, -1, patches.shape[-1]).float(),
+                                           self.norm_pix_loss, enc.in_chans)  # (B, N_pred, P*C)
+        x = self.encoder_to_decoder(enc(patches, mask))  # (B, N_vis, D_dec)
+        del patches  # not needed by the decoder: free it before the decoder's activations pile up
         pos = enc.positions(N, self.decoder_pos_embed).expand(B, -1, -1)
         pos_vis = pos[~mask].view(B, -1, pos.shape[-1])
         pos_rebuild = pos[rebuild].view(B, -1, pos.shape[-1])  # (B, N_pred, D_dec)
@@ -246,9 +250,6 @@ class VideoMAE(nn.Module):
         x = torch.cat([x + pos_vis, self.mask_token + pos_rebuild], dim=1)  # visible tokens, then queries
         x = run_blocks(self.decoder.blocks, x, enc.grad_checkpointing)
         pred = self.decoder.head(self.decoder.norm(x[:, -n_pred:]))  # (B, N_pred, P*C)
-
-        with torch.no_grad():
-            target = reconstruction_target(patches[rebuild].view(B, n_pred, -1).float(), self.norm_pix_loss, enc.in_chans)
         err = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N_pred)
         if decode_mask is None:
             loss = err.mean()

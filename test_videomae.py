@@ -896,3 +896,15 @@ def test_bench_smoke_run_has_every_row(tmp_path):
                 "ours bf16 / ours fp32", "bf16 vs fp32 loss", "clips floor", "clips reference", "clips ours: VideoDataset",
                 "num_sample=2", "clips ours / reference", "clips ours / floor", "DataLoader, 1 worker", "2 workers"]:
         assert row in names, row
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    video, m = torch.randn(2, 3, 4, 32, 32), M.tube_mask(2, GRID, 0.5, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        net = tiny_mae()
+        net.encoder.grad_checkpointing = ckpt
+        net(video, m)[0].backward()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
