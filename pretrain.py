@@ -16,6 +16,7 @@ import resource
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -340,11 +341,6 @@ def atomic_write(path, write, suffix=""):
     os.replace(tmp, path)
 
 
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
 class Run:
     """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one."""
 
@@ -374,7 +370,7 @@ class Run:
             keep = [line for line in old if json.loads(line).get("epoch", -1) < self.start_epoch]
             config = {"config": {k: v for k, v in vars(args).items()}, "world_size": ctx.world,
                       "resumed_at_epoch": self.start_epoch if resume else None}
-            atomic_write(self.log_path, lambda tmp: write_text(tmp, "".join(keep) + json.dumps(config) + "\n"))
+            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(keep) + json.dumps(config) + "\n"))
 
     def log(self, record):
         if self.ctx.main:
