@@ -4,6 +4,7 @@ VideoMAE  pre-training model (encoder + decoder + loss), names and numerics of t
 VideoViT  the same encoder over every token, mean pooling and a linear head, for fine-tuning.
 load_checkpoint  weights from this project, the reference code (pre-training or fine-tuned) or HuggingFace.
 """
+import argparse
 import math
 from collections import OrderedDict
 
@@ -345,7 +346,9 @@ def _read_state_dict(path_or_state_dict):
             raise RuntimeError(f"{path_or_state_dict}: reading .safetensors needs `pip install safetensors`") from None
         ckpt, source = load_file(str(path_or_state_dict)), str(path_or_state_dict)
     else:
-        ckpt, source = torch.load(path_or_state_dict, map_location="cpu", weights_only=True), str(path_or_state_dict)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the reference saves its flags as a Namespace
+            ckpt = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        source = str(path_or_state_dict)
     for key in ("model", "module", "state_dict"):  # this project / reference pre-training, DeepSpeed, others
         if isinstance(ckpt.get(key), dict):
             return ckpt[key], source

@@ -236,7 +236,8 @@ def test_pretraining_checkpoints_round_trip(fmt, tmp_path):
     src = randomised(tiny_mae())
     sd = src.state_dict()
     files = {"ours": {"model": sd, "config": {"model": "tiny"}, "epoch": 3},
-             "reference_pretrain": {"model": sd, "optimizer": {}, "epoch": 3},
+             "reference_pretrain": {"model": sd, "optimizer": {}, "epoch": 3,
+                                    "args": __import__("argparse").Namespace(mask_ratio=0.9, batch_size=32)},
              "hf_q_bias": to_huggingface(sd), "hf_query_bias": to_huggingface(sd, "query.bias")}
     path = tmp_path / "ckpt.pth"
     torch.save(files[fmt], path)
@@ -269,7 +270,8 @@ def test_finetuned_checkpoints_round_trip(fmt, tmp_path):
             return
         save_file({k: v.contiguous() for k, v in to_huggingface(sd).items()}, str(path))
     else:
-        torch.save({"reference_finetuned": {"module": sd}, "hf_classifier": to_huggingface(sd),
+        torch.save({"reference_finetuned": {"module": sd, "args": __import__("argparse").Namespace(nb_classes=5)},
+                    "hf_classifier": to_huggingface(sd),
                     "ours": {"model": sd, "epoch": 1}}[fmt], path)
     dst = tiny_vit()
     assert MD.load_checkpoint(dst, path) == ([], [])
