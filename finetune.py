@@ -27,6 +27,7 @@ DEMO = dict(model="tiny", input_size=96, num_frames=8, sampling_rate=4, batch_si
             warmup_epochs=3, blr=1e-2, num_sample=2, save_ckpt_freq=10, layer_decay=0.75, drop_path=0.1,
             no_flip=True)  # the demo's classes are directions: a mirrored clip would change its class
 DEMO_PRETRAINED = "runs/pretrain-demo/checkpoint-latest.pth"
+SIZE_KEYS = ("model", "input_size", "num_frames", "sampling_rate")  # taken from a checkpoint when not given
 
 
 def main(argv=None):
@@ -66,14 +67,20 @@ def main(argv=None):
     labels = [label for _, label in train_samples + test_samples]
     if min(labels) < 0 or max(labels) >= args.nb_classes:
         parser.error(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; --nb_classes {args.nb_classes} does not fit")
-    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
-                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
-                             head_drop_rate=args.head_drop_rate)
-    net.grad_checkpointing = args.grad_ckpt
     weights = args.finetune or (args.resume if args.eval else None)
     if weights is None and args.demo and os.path.exists(DEMO_PRETRAINED):
         weights = DEMO_PRETRAINED
     weights = None if weights == "none" else weights
+    if weights:  # this project's checkpoints say what they hold
+        saved = models.read_file(weights).get("config") or {}
+        inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
+        if inherited:
+            vars(args).update(inherited)
+            ctx.print("from the checkpoint's config: " + ", ".join(f"--{k} {v}" for k, v in inherited.items()))
+    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
+                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
+                             head_drop_rate=args.head_drop_rate)
+    net.grad_checkpointing = args.grad_ckpt
     if weights:
         ctx.print(f"initial weights: {weights}")
         models.load_checkpoint(net, weights, verbose=ctx.main)

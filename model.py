@@ -336,19 +336,26 @@ def _from_huggingface(sd):
     return out
 
 
-def _read_state_dict(path_or_state_dict):
-    if isinstance(path_or_state_dict, dict):
-        ckpt, source = path_or_state_dict, "state dict"
-    elif str(path_or_state_dict).endswith(".safetensors"):
+def read_file(path):
+    """A checkpoint file as saved, tensors memory-mapped; never runs code (weights_only). The reference code
+    stores its flags as an argparse.Namespace, which is allowed; .safetensors files need that package."""
+    if str(path).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise RuntimeError(f"{path_or_state_dict}: reading .safetensors needs `pip install safetensors`") from None
-        ckpt, source = load_file(str(path_or_state_dict)), str(path_or_state_dict)
-    else:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the reference saves its flags as a Namespace
-            ckpt = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
-        source = str(path_or_state_dict)
+            raise RuntimeError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
+        return load_file(str(path))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_state_dict(path_or_state_dict):
+    from_file = not isinstance(path_or_state_dict, dict)
+    ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
+    source = str(path_or_state_dict) if from_file else "state dict"
     for key in ("model", "module", "state_dict"):  # this project / reference pre-training, DeepSpeed, others
         if isinstance(ckpt.get(key), dict):
             return ckpt[key], source

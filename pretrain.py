@@ -159,6 +159,7 @@ def finish_args(parser, argv, paper, demo):
     """Parse, fill the recipe's defaults (the demo's without --data_path) and reject bad values with one line."""
     args = parser.parse_args(argv)
     args.demo = args.data_path is None
+    args.recipe_defaults = sorted(k for k in paper if getattr(args, k, None) is None)  # flags not given
     for key, value in (demo if args.demo else paper).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -828,9 +828,11 @@ def test_finetune_learns_a_separable_set_and_evals_a_pretraining_checkpoint(tmp_
     assert test["num_videos"] == 5 and test["views"] == 6 and test["top1"] == 1.0 and test["mean_class_acc"] == 1.0
     assert all(0 <= test[k] <= 1 for k in ("top1", "top5", "mean_class_acc"))
     assert (out / "confusion.png").exists() and all("val_top1" in r for r in read_log(out)[1:-1])
-    # --eval alone reproduces the final test of the saved weights
-    finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval", "--test_num_segment", "2", "--test_num_crop",
-                   "3", "--resume", str(out / "checkpoint-latest.pth"), "--output_dir", str(tmp_path / "ev")])
+    # --eval alone reproduces the final test of the saved weights; sizes come from the checkpoint's config
+    finetune.main(["--data_path", str(two_classes), "--eval", "--test_num_segment", "2", "--test_num_crop", "3",
+                   "--num_workers", "0", "--device", "cpu", "--resume", str(out / "checkpoint-latest.pth"),
+                   "--output_dir", str(tmp_path / "ev")])
+    assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4" in capsys.readouterr().out
     assert read_log(tmp_path / "ev")[-1]["test"] == test
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval"])
