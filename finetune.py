@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import data
 import model as models
 from pretrain import (Run, all_sum, atomic_write, autocast, common_parser, finish_args, make_loader, param_groups,
-                      seed_for, setup, train_epoch, training_subset, wrap)
+                      setup, start_epoch, train_epoch, training_subset, wrap)
 
 # Reference UCF101 recipe (blr 5e-4, layer decay 0.7, drop path 0.2, 100 epochs, 5 clips x 3 crops at test).
 PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
@@ -106,9 +106,7 @@ def main(argv=None):
     loader, sampler = make_loader(train_set, args, ctx, train=True)
     model = wrap(net, args, ctx)
     for epoch in range(run.start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        gen = torch.Generator(ctx.device).manual_seed(seed_for(args.seed, epoch, ctx.rank))
-        torch.manual_seed(seed_for(args.seed + 1, epoch, ctx.rank))
+        gen = start_epoch(epoch, sampler, args, ctx)
 
         def step(video, labels):
             video, target = mix(video, labels, args.nb_classes, args, gen)

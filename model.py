@@ -22,6 +22,7 @@ PRESETS = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=640, decoder_depth=12, decoder_num_heads=8),
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TUBELET_SIZE, PATCH_SIZE = 2, 16  # the cube embedding: 2 frames x 16 x 16 pixels per token (Sec. 3.3)
 
 
 # ----------------------------------------------------------------------------- the paper's math, as pure functions
@@ -79,10 +80,12 @@ def drop_path(x, p, training):
     return x * keep / (1.0 - p)
 
 
-def block_flops(num_tokens, dim, mlp_ratio=4.0):
-    """Forward matmul FLOPs of one transformer block on one sequence (2 FLOPs per multiply-add)."""
-    n, d = num_tokens, dim
-    return 2 * n * d * (3 * d + d + 2 * mlp_ratio * d) + 4 * n * n * d
+def blocks_flops(blocks, num_tokens):
+    """Forward matmul FLOPs of transformer blocks on one sequence (2 per multiply-add): every Linear, plus
+    the two attention products q k^T and attn v."""
+    n = num_tokens
+    return sum(2 * n * sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear))
+               + 4 * n * n * b.norm1.normalized_shape[0] for b in blocks)
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -160,7 +163,7 @@ class PatchEmbed(nn.Module):
 class Encoder(nn.Module):
     """Cube embedding + fixed positions + transformer blocks, over the visible tokens only when given a mask."""
 
-    def __init__(self, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=768,
+    def __init__(self, img_size=224, num_frames=16, patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE, in_chans=3, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, drop_path_rate=0.0, final_norm=True):
         super().__init__()
         for name, size, unit in [("img_size", img_size, patch_size), ("num_frames", num_frames, tubelet_size)]:
@@ -190,6 +193,10 @@ class Encoder(nn.Module):
         the new number of tokens, as the reference code does: it is not learned, so nothing is lost."""
         return table if table.shape[1] == num_tokens else sinusoid_table(num_tokens, table.shape[2], table.device)
 
+    def flops(self, num_tokens):
+        """Forward matmul FLOPs of embedding and blocks on num_tokens tokens of one clip."""
+        return 2 * num_tokens * self.patch_embed.proj.weight.numel() + blocks_flops(self.blocks, num_tokens)
+
     def forward(self, patches, mask=None):
         """patches (B, N, P*C) from patchify; mask (B, N) True = hidden. Returns (B, N_visible, embed_dim)."""
         B, N, _ = patches.shape
@@ -210,7 +217,7 @@ class VideoMAE(nn.Module):
       loss: mean squared error against reconstruction_target() over tokens that are hidden and rebuilt.
     """
 
-    def __init__(self, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=768,
+    def __init__(self, img_size=224, num_frames=16, patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE, in_chans=3, embed_dim=768,
                  depth=12, num_heads=12, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6,
                  mlp_ratio=4.0, norm_pix_loss=True, drop_path_rate=0.0):
         super().__init__()
@@ -261,19 +268,15 @@ class VideoMAE(nn.Module):
 
     def flops_per_clip(self, n_visible, n_pred, training=True):
         """Matmul FLOPs for one clip with n_visible encoder tokens and n_pred decoder queries; x3 for training."""
-        enc, dec = self.encoder, self.decoder
-        d, dd = enc.pos_embed.shape[2], self.mask_token.shape[2]
-        patch_dim = self.decoder.head.out_features
-        f = 2 * n_visible * patch_dim * d + sum(block_flops(n_visible, d, b.mlp.fc1.out_features / d) for b in enc.blocks)
-        f += 2 * n_visible * d * dd + 2 * n_pred * dd * patch_dim
-        f += sum(block_flops(n_visible + n_pred, dd, b.mlp.fc1.out_features / dd) for b in dec.blocks)
+        f = self.encoder.flops(n_visible) + 2 * n_visible * self.encoder_to_decoder.weight.numel()
+        f += blocks_flops(self.decoder.blocks, n_visible + n_pred) + 2 * n_pred * self.decoder.head.weight.numel()
         return 3 * f if training else f
 
 
 class VideoViT(Encoder):
     """Fine-tuning model: the encoder over all tokens, mean pooling, fc_norm and a linear head."""
 
-    def __init__(self, num_classes=400, img_size=224, num_frames=16, patch_size=16, tubelet_size=2, in_chans=3,
+    def __init__(self, num_classes=400, img_size=224, num_frames=16, patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE, in_chans=3,
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path_rate=0.0, head_drop_rate=0.0,
                  init_scale=0.001):
         super().__init__(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim, depth, num_heads,
@@ -290,12 +293,6 @@ class VideoViT(Encoder):
         self.token_grid(video)
         x = super().forward(patchify(video, self.tubelet_size, self.patch_size))  # (B, N, D)
         return self.head(self.head_drop(self.fc_norm(x.mean(dim=1))))  # (B, num_classes)
-
-    def flops_per_clip(self, num_tokens, training=True):
-        d = self.fc_norm.normalized_shape[0]
-        f = 2 * num_tokens * self.patch_embed.proj.weight[0].numel() * d
-        f += sum(block_flops(num_tokens, d, b.mlp.fc1.out_features / d) for b in self.blocks)
-        return 3 * f if training else f
 
 
 def build_model(kind, preset, **kwargs):

@@ -72,9 +72,7 @@ def main(argv=None):
               f"{int(net.encoder.pos_embed.shape[1] * (1 - args.mask_ratio))} visible")
 
     for epoch in range(run.start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        gen = torch.Generator(ctx.device).manual_seed(seed_for(args.seed, epoch, ctx.rank))  # masks, on device
-        torch.manual_seed(seed_for(args.seed + 1, epoch, ctx.rank))
+        gen = start_epoch(epoch, sampler, args, ctx)  # draws the masks, on the device
 
         def step(clips, labels):
             B = clips.shape[0]
@@ -170,10 +168,10 @@ def finish_args(parser, argv, paper, demo):
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set or 'data'}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    if args.num_frames % 2:
-        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size 2")
-    if args.input_size % 16:
-        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size 16")
+    if args.num_frames % models.TUBELET_SIZE:
+        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size {models.TUBELET_SIZE}")
+    if args.input_size % models.PATCH_SIZE:
+        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size {models.PATCH_SIZE}")
     for name in ("batch_size", "epochs", "sampling_rate", "num_sample", "accum_iter", "save_ckpt_freq", "per_class"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -223,9 +221,12 @@ def training_subset(samples, args):
     return kept
 
 
-def seed_for(seed, epoch, rank):
-    """A seed for one epoch of one process: a resumed run replays exactly what the uninterrupted one would."""
-    return (seed * 1_000_003 + epoch) * 1009 + rank
+def start_epoch(epoch, sampler, args, ctx):
+    """Seed the epoch's shuffle, torch's RNG (data workers, drop path, mixup) and a device generator from (seed,
+    epoch, rank): a resumed run replays exactly what the uninterrupted one would."""
+    sampler.set_epoch(epoch)
+    torch.manual_seed(((args.seed + 1) * 1_000_003 + epoch) * 1009 + ctx.rank)
+    return torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + epoch) * 1009 + ctx.rank)
 
 
 def param_groups(model, weight_decay, layer_decay=None):
@@ -355,7 +356,7 @@ class Run:
         if optimizer is None:  # evaluation only: weights were loaded by the caller
             resume = None
         if resume:
-            ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+            ckpt = models.read_file(resume)
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -182,6 +182,8 @@ def test_flops_count_matches_a_hand_count():
     enc = 2 * (2 * 8 * 48 * 48 * (3 + 1 + 8) + 4 * 8 * 8 * 48) + 2 * 8 * 384 * 48
     dec = 2 * 32 * 24 * 24 * 12 + 4 * 32 * 32 * 24 + 2 * 8 * 48 * 24 + 2 * 24 * 24 * 384
     assert net.flops_per_clip(8, 24, training=False) == enc + dec
+    assert net.flops_per_clip(8, 24) == 3 * (enc + dec)  # training: forward and twice as much backward
+    assert tiny_vit().flops(32) == 2 * (2 * 32 * 48 * 48 * 12 + 4 * 32 * 32 * 48) + 2 * 32 * 384 * 48
 
 
 # ----------------------------------------------------------------------------- checkpoint formats
