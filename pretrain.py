@@ -47,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--opt_betas", type=float, nargs=2, default=(0.9, 0.95))
     parser.add_argument("--no_norm_pix_loss", action="store_true", default=None,
                         help="rebuild plain pixels, not per-patch normalised ones (default: normalised; plain on the demo)")
+    parser.add_argument("--norm_pix_loss", dest="no_norm_pix_loss", action="store_false", default=None,
+                        help="rebuild per-patch normalised pixels (the default, except on the demo)")
     args = finish_args(parser, argv, PAPER, DEMO)
     for name in ("mask_ratio", "decoder_mask_ratio"):
         if not 0 < getattr(args, name) < 1:

@@ -798,8 +798,9 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
 def test_pretrain_decoder_mask_repeated_sampling_and_nonfinite_stop(tmp_path, two_classes, monkeypatch, capsys):
     out = tmp_path / "dual"
     pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--input_size", "64", "--epochs", "1",
-                   "--decoder_mask_type", "run_cell", "--num_sample", "2", "--output_dir", str(out)])
+                   "--decoder_mask_type", "run_cell", "--num_sample", "2", "--no_norm_pix_loss", "--output_dir", str(out)])
     assert read_log(out)[-1]["clips_per_s"] > 0 and "lr 0.0001 x" not in capsys.readouterr().out
+    assert read_log(out)[0]["config"]["no_norm_pix_loss"] is True
     forward = MD.VideoMAE.forward
     calls = {"n": 0}
 
@@ -811,8 +812,10 @@ def test_pretrain_decoder_mask_repeated_sampling_and_nonfinite_stop(tmp_path, tw
     monkeypatch.setattr(MD.VideoMAE, "forward", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as stop:
-        pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "3", "--output_dir", str(out)])
+        pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "3", "--norm_pix_loss",
+                       "--output_dir", str(out)])
     assert stop.value.code == 1 and "loss is not finite at epoch 1" in capsys.readouterr().out
+    assert read_log(out)[0]["config"]["no_norm_pix_loss"] is False
     assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 0  # the last good one
 
 
