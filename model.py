@@ -81,12 +81,15 @@ def drop_path(x, p, training):
     return x * keep / (1.0 - p)
 
 
-def blocks_flops(blocks, num_tokens):
+def blocks_flops(blocks, num_tokens, queries=None):
     """Forward matmul FLOPs of transformer blocks on one sequence (2 per multiply-add): every Linear, plus
-    the two attention products q k^T and attn v."""
-    n = num_tokens
-    return sum(2 * n * sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear))
-               + 4 * n * n * b.norm1.normalized_shape[0] for b in blocks)
+    the two attention products q k^T and attn v; with `queries`, the last block as run_blocks computes it."""
+    total = 0
+    for i, b in enumerate(blocks):
+        n, q = num_tokens, queries if queries and i == len(blocks) - 1 else num_tokens
+        rest = sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear) and m is not b.attn.qkv)
+        total += 2 * n * b.attn.qkv.weight.numel() + 2 * q * rest + 4 * q * n * b.norm1.normalized_shape[0]
+    return total
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -102,13 +105,15 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, queries=None):
+        """queries: attend from the last `queries` tokens only (every token is still a key and a value)."""
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        q = q[:, :, -queries:] if queries else q
         x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim^-0.5
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
 class Block(nn.Module):
@@ -123,14 +128,18 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = drop_path
 
-    def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+    def forward(self, x, queries=None):
+        """queries: outputs for the last `queries` tokens only, as if computed for all and sliced."""
+        h = self.attn(self.norm1(x), queries)
+        x = (x[:, -queries:] if queries else x) + drop_path(h, self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
-def run_blocks(blocks, x, grad_checkpointing):
-    for blk in blocks:
-        x = checkpoint(blk, x, use_reentrant=False) if grad_checkpointing and x.requires_grad else blk(x)
+def run_blocks(blocks, x, grad_checkpointing, queries=None):
+    """The blocks in turn; with `queries`, the last one computes only the last `queries` tokens' outputs."""
+    for i, blk in enumerate(blocks):
+        q = queries if i == len(blocks) - 1 else None
+        x = checkpoint(blk, x, q, use_reentrant=False) if grad_checkpointing and x.requires_grad else blk(x, q)
     return x
 
 
@@ -257,8 +266,9 @@ class VideoMAE(nn.Module):
         pos_rebuild = pos[rebuild].view(B, -1, pos.shape[-1])  # (B, N_pred, D_dec)
         n_pred = pos_rebuild.shape[1]
         x = torch.cat([x + pos_vis, self.mask_token + pos_rebuild], dim=1)  # visible tokens, then queries
-        x = run_blocks(self.decoder.blocks, x, enc.grad_checkpointing)
-        pred = self.decoder.head(self.decoder.norm(x[:, -n_pred:]))  # (B, N_pred, P*C)
+        # the visible tokens' outputs are never read: the last block computes the queries' only
+        x = run_blocks(self.decoder.blocks, x, enc.grad_checkpointing, queries=n_pred)
+        pred = self.decoder.head(self.decoder.norm(x))  # (B, N_pred, P*C)
         if decode_mask is None:
             loss = F.mse_loss(pred.float(), target)
         else:  # V2: visible tokens may be among the rebuilt ones; they are not scored
@@ -270,7 +280,7 @@ class VideoMAE(nn.Module):
     def flops_per_clip(self, n_visible, n_pred, training=True):
         """Matmul FLOPs for one clip with n_visible encoder tokens and n_pred decoder queries; x3 for training."""
         f = self.encoder.flops(n_visible) + 2 * n_visible * self.encoder_to_decoder.weight.numel()
-        f += blocks_flops(self.decoder.blocks, n_visible + n_pred) + 2 * n_pred * self.decoder.head.weight.numel()
+        f += blocks_flops(self.decoder.blocks, n_visible + n_pred, n_pred) + 2 * n_pred * self.decoder.head.weight.numel()
         return 3 * f if training else f
 
 

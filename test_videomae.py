@@ -86,6 +86,8 @@ def test_sdpa_attention_equals_plain_softmax_attention():
     a = (heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(16)).softmax(-1)
     plain = attn.proj((a @ heads(v)).transpose(1, 2).reshape(2, 10, 48))
     torch.testing.assert_close(attn(x), plain, atol=1e-5, rtol=1e-5)
+    block = MD.Block(48, 3).eval()  # the decoder's last block: outputs for the last 4 tokens only, the same values
+    torch.testing.assert_close(block(x, queries=4), block(x)[:, -4:], atol=1e-6, rtol=1e-6)
 
 
 def scratch_target(video, tubelet, patch, norm=True):
@@ -180,7 +182,8 @@ def test_sizes_positions_and_errors():
 def test_flops_count_matches_a_hand_count():
     net = tiny_mae()
     enc = 2 * (2 * 8 * 48 * 48 * (3 + 1 + 8) + 4 * 8 * 8 * 48) + 2 * 8 * 384 * 48
-    dec = 2 * 32 * 24 * 24 * 12 + 4 * 32 * 32 * 24 + 2 * 8 * 48 * 24 + 2 * 24 * 24 * 384
+    # the decoder's one block: qkv for all 32 tokens; proj, MLP and attention rows for the 24 queries only
+    dec = 2 * 32 * 24 * 24 * 3 + 2 * 24 * 24 * 24 * 9 + 4 * 24 * 32 * 24 + 2 * 8 * 48 * 24 + 2 * 24 * 24 * 384
     assert net.flops_per_clip(8, 24, training=False) == enc + dec
     assert net.flops_per_clip(8, 24) == 3 * (enc + dec)  # training: forward and twice as much backward
     assert tiny_vit().flops(32) == 2 * (2 * 32 * 48 * 48 * 12 + 4 * 32 * 32 * 48) + 2 * 32 * 384 * 48
