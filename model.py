@@ -280,7 +280,8 @@ class VideoMAE(nn.Module):
     def flops_per_clip(self, n_visible, n_pred, training=True):
         """Matmul FLOPs for one clip with n_visible encoder tokens and n_pred decoder queries; x3 for training."""
         f = self.encoder.flops(n_visible) + 2 * n_visible * self.encoder_to_decoder.weight.numel()
-        f += blocks_flops(self.decoder.blocks, n_visible + n_pred, n_pred) + 2 * n_pred * self.decoder.head.weight.numel()
+        f += blocks_flops(self.decoder.blocks, n_visible + n_pred, queries=n_pred)
+        f += 2 * n_pred * self.decoder.head.weight.numel()
         return 3 * f if training else f
 
 
