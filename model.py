@@ -73,6 +73,11 @@ def reconstruction_target(patches, norm_pix_loss=True, channels=3):
     return x.view(B, n, D)
 
 
+def select(x, keep):
+    """The tokens of x (B, N, D) where keep (B, N) is True, in order: (B, n, D). Masks keep n tokens in every clip."""
+    return x[keep].view(x.shape[0], -1, x.shape[-1])
+
+
 def drop_path(x, p, training):
     """Stochastic depth: drop a block's residual branch for a whole sample with probability p."""
     if p == 0.0 or not training:
@@ -212,7 +217,7 @@ class Encoder(nn.Module):
         B, N, _ = patches.shape
         pos = self.positions(N, self.pos_embed).expand(B, -1, -1)
         if mask is not None:  # keep the visible tokens, in their original order
-            patches, pos = patches[~mask].view(B, -1, patches.shape[-1]), pos[~mask].view(B, -1, pos.shape[-1])
+            patches, pos = select(patches, ~mask), select(pos, ~mask)
         x = self.patch_embed(patches) + pos  # (B, N_vis, D)
         return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
@@ -257,15 +262,12 @@ class VideoMAE(nn.Module):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {B} clips of {N} tokens (grid {grid})")
         rebuild = mask if decode_mask is None else ~decode_mask  # tokens the decoder is asked for
         with torch.no_grad():  # the target first, while little memory is in use
-            target = reconstruction_target(patches[rebuild].view(B, -1, patches.shape[-1]).float(),
-                                           self.norm_pix_loss, enc.in_chans)  # (B, N_pred, P*C)
+            target = reconstruction_target(select(patches, rebuild).float(), self.norm_pix_loss, enc.in_chans)
         x = self.encoder_to_decoder(enc(patches, mask))  # (B, N_vis, D_dec)
         del patches  # not needed by the decoder: free it before the decoder's activations pile up
         pos = enc.positions(N, self.decoder_pos_embed).expand(B, -1, -1)
-        pos_vis = pos[~mask].view(B, -1, pos.shape[-1])
-        pos_rebuild = pos[rebuild].view(B, -1, pos.shape[-1])  # (B, N_pred, D_dec)
-        n_pred = pos_rebuild.shape[1]
-        x = torch.cat([x + pos_vis, self.mask_token + pos_rebuild], dim=1)  # visible tokens, then queries
+        n_pred = target.shape[1]
+        x = torch.cat([x + select(pos, ~mask), self.mask_token + select(pos, rebuild)], dim=1)  # visible, then queries
         # the visible tokens' outputs are never read: the last block computes the queries' only
         x = run_blocks(self.decoder.blocks, x, enc.grad_checkpointing, queries=n_pred)
         pred = self.decoder.head(self.decoder.norm(x))  # (B, N_pred, P*C)
@@ -361,16 +363,6 @@ def read_file(path):
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _read_state_dict(path_or_state_dict):
-    from_file = not isinstance(path_or_state_dict, dict)
-    ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
-    source = str(path_or_state_dict) if from_file else "state dict"
-    for key in ("model", "module", "state_dict"):  # this project / reference pre-training, DeepSpeed, others
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key], source
-    return ckpt, source
-
-
 def load_checkpoint(model, path_or_state_dict, verbose=True):
     """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
 
@@ -379,7 +371,11 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     A pre-training checkpoint fills a VideoViT's encoder (its decoder is ignored, fc_norm and head start fresh);
     a head of another class count is dropped. Any other shape mismatch is an error naming the tensor.
     """
-    sd, source = _read_state_dict(path_or_state_dict)
+    from_file = not isinstance(path_or_state_dict, dict)
+    ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
+    source = str(path_or_state_dict) if from_file else "state dict"
+    # weights under 'model' (this project, reference pre-training), 'module' (reference fine-tuning), 'state_dict'
+    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
     if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
         sd = _from_huggingface(sd)
