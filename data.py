@@ -73,6 +73,15 @@ def _decode(cap, path, wanted, seek=True):
     return {i: frames[min(i, pos - 1)] for i in wanted}
 
 
+def _decode_all(path):
+    """Every frame of a video, BGR (n, H, W, 3), or None if it does not decode (the dataset reports it later)."""
+    try:
+        cap, n = _open(path)
+        return np.stack(list(_decode(cap, path, list(range(n)), seek=False).values()))
+    except VideoReadError:
+        return None
+
+
 def read_frames(path, indices):
     """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed), frame-exact."""
     indices = [int(i) for i in indices]
@@ -219,12 +228,13 @@ class VideoDataset(torch.utils.data.Dataset):
     `substituted`; over max_bad_fraction (and at least 3) unreadable files raise."""
 
     def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
-                 sampling='i3d', flip=None, aa='rand-m7-n4-mstd0.5', reprob=0.25,
-                 test_num_segment=5, test_num_crop=3, max_bad_fraction=0.05, seed=0):
+                 sampling='i3d', flip=None, aa='rand-m7-n4-mstd0.5', reprob=0.25, crop_scale=(0.08, 1.0),
+                 test_num_segment=5, test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
         if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
             raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
                              f"{len(samples)} samples; check the arguments and --data_path")
         self.samples, self.mode, self.sampling, self.reprob, self.seed = list(samples), mode, sampling, reprob, seed
+        self.crop_scale = tuple(crop_scale)
         self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
         self.flip = mode == 'train' if flip is None else flip
         m = re.fullmatch(r'rand-m([\d.]+)-n(\d+)(?:-mstd([\d.]+))?(-inc1)?', aa or '')  # timm's --aa syntax
@@ -233,9 +243,17 @@ class VideoDataset(torch.utils.data.Dataset):
         self.aa = m and (float(m[1]), int(m[2]), float(m[3] or 0), bool(m[4]))  # (m, n, mstd, increasing)
         self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
         self.bad = set()  # files proven unreadable in this process (each DataLoader worker has its own)
+        self.frames = {}  # path -> every decoded BGR frame (n, H, W, 3), with in_memory: small sets decode once
+        if in_memory:
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
+                self.frames = dict(zip(self._paths(), pool.map(_decode_all, self._paths())))
+            self.frames = {path: frames for path, frames in self.frames.items() if frames is not None}
 
     def __len__(self):
         return len(self.samples)
+
+    def _paths(self):
+        return sorted({path for path, _ in self.samples})
 
     def __getitem__(self, i):
         for substituted in range(len(self)):
@@ -254,14 +272,15 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def _load(self, j):
         path = self.samples[j][0]
-        cap, n = _open(path)
+        video = self.frames.get(path)
+        cap, n = (None, len(video)) if video is not None else _open(path)
         # Per-item generator from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed by manual_seed.
         rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
         clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
         if self.mode != 'test':  # repeated sampling, as the reference: the same frames, augmented num_sample times
             clips = clips * self.num_sample
-        frames = _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
-        H, W = next(iter(frames.values())).shape[:2]
+        frames = video if video is not None else _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
+        H, W = frames[clips[0][0]].shape[:2]
         if self.mode == 'test':
             boxes = [(c, box) for c in clips for box in eval_crop_boxes(H, W, self.crops)]
             out = np.empty((len(boxes), len(clips[0]), self.size, self.size, 3), np.uint8)
@@ -270,7 +289,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return out
         out = np.empty((len(clips), len(clips[0]), self.size, self.size, 3), np.uint8)
         for view, c in zip(out, clips):  # pre-training: multi-scale crop (no flip by default); fine-tuning: the rest
-            box = multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else resized_crop_box(H, W, rng)
+            box = multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else resized_crop_box(H, W, rng, self.crop_scale)
             _render(frames, c, box, self.size, self.flip and rng.random() < 0.5, view)
             if self.mode == 'train' and self.aa:  # the reference augments full frames before the crop: dearer
                 view[:] = rand_augment(view, rng, *self.aa)
@@ -336,52 +355,44 @@ def load_samples(data_path, data_set=None, split=1, train=True):
     return [(str(path), label) for path, label, _ in entries], names
 
 
-DEMO_CLASSES = ('right', 'left', 'down', 'up', 'clockwise', 'anticlockwise')
+DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
 
 
-def _demo_video(path, cls, rng, num_frames, W=128, H=96, S=64):
-    """Three striped polygons on a plain background, all sliding one way (wrapping round the borders) or all
-    spinning, by class: a single frame shows shapes somewhere, only the motion tells the classes apart. The
-    stripes give each patch structure to rebuild; the plain background gives nothing to guess."""
-    speed, spin = rng.uniform(1.5, 3), rng.uniform(4, 8)  # pixels or degrees per frame
-    vx, vy, va = {'right': (speed, 0, 0), 'left': (-speed, 0, 0), 'down': (0, speed, 0), 'up': (0, -speed, 0),
-                  'clockwise': (0, 0, -spin), 'anticlockwise': (0, 0, spin)}[cls]
-    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
-    sprites = []
-    for _ in range(3):  # RGBA sprites centred in a frame-sized canvas, each at its own offset
-        k = rng.integers(3, 7)
-        angles = np.sort(rng.uniform(0, 2 * np.pi, k))
-        pts = S / 2 + rng.uniform(10, 22, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)
-        alpha = cv2.fillPoly(np.zeros((S, S), np.float32), [np.round(pts).astype(np.int32)], 1)
-        theta, period = rng.uniform(0, np.pi), rng.uniform(6, 14)
-        wave = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
-        canvas = np.zeros((H, W, 4), np.float32)
-        canvas[(H - S) // 2:(H + S) // 2, (W - S) // 2:(W + S) // 2] = np.dstack(
-            [rng.uniform(60, 200, 3) + wave[..., None] * rng.uniform(-60, 60, 3), alpha])
-        sprites.append((canvas, rng.uniform((0, 0), (W, H))))
-    background = np.zeros((H, W, 3), np.float32) + rng.uniform(40, 215, 3)
+def _demo_video(path, cls, rng, num_frames, W=96, H=72):
+    """One bright polygon on a darker plain background that moves right or left, grows or shrinks, brightens or
+    darkens, by class. Colours, shape, size, place and speed are drawn per video, so no single frame tells the
+    class; every class changes a 2-frame tubelet with the same sign in every video (the object is always
+    brighter than the ground), which a small ViT learns in minutes on a CPU. The object is large and plain, so
+    that rebuilding it dominates the reconstruction loss, and a model must find it from the visible patches."""
+    ground, colour = rng.uniform(20, 90, 3), rng.uniform(150, 250, 3)
+    k = rng.integers(4, 9)
+    angles = 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, k)) / k + rng.uniform(0, 2 * np.pi)
+    shape = rng.uniform(0.7, 1.0, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)  # unit-size polygon
+    radius, speed, rate = rng.uniform(22, 32), rng.uniform(0.6, 1.0), rng.uniform(0.012, 0.02)
+    centre = rng.uniform((0.3 * W, 0.3 * H), (0.7 * W, 0.7 * H))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
     if not writer.isOpened():
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
     for t in range(num_frames):
-        frame = background
-        for canvas, (ox, oy) in sprites:
-            s = cv2.warpAffine(canvas, cv2.getRotationMatrix2D((W / 2, H / 2), va * t, 1), (W, H))
-            shift = np.float32([[1, 0, ox + vx * t], [0, 1, oy + vy * t]])
-            s = cv2.warpAffine(s, shift, (W, H), borderMode=cv2.BORDER_WRAP)
-            frame = np.where(s[..., 3:] > 0.5, s[..., :3], frame)
-        writer.write(np.clip(frame, 0, 255).astype(np.uint8))
+        dt, ramp = t - (num_frames - 1) / 2, t / max(num_frames - 1, 1)  # frames from the middle; 0 -> 1
+        shift = {'right': (speed * dt, 0), 'left': (-speed * dt, 0)}.get(cls, (0, 0))
+        scale = {'grow': math.exp(rate * dt), 'shrink': math.exp(-rate * dt)}.get(cls, 1.0)
+        level = {'brighten': 0.55 + 0.45 * ramp, 'darken': 1.0 - 0.45 * ramp}.get(cls, 1.0)  # of the way to colour
+        points = np.round(centre + shift + radius * scale * shape).astype(np.int32)
+        inside = cv2.fillPoly(np.zeros((H, W), np.float32), [points], 1)[..., None]
+        frame = ground + inside * (colour - ground) * level
+        writer.write(np.clip(frame, 0, 255).astype(np.uint8)[..., ::-1].copy())  # RGB drawn, BGR written
     writer.release()
 
 
-def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=50, val_per_class=20, num_frames=48, seed=0):
+def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20, num_frames=48, seed=0):
     """Synthetic motion classes as XVID .avi (MJPG without XVID) in root/<class>/ with list files train.txt
     and val.txt, deterministic from seed; a set with the same parameters is reused, any other folder left
     alone. Each call builds in a temporary folder of its own, renamed when complete: a killed build leaves no
     half dataset, and of calls racing for one root (distributed ranks) the first to finish provides it."""
     root = Path(root)
     meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
-                num_frames=num_frames, seed=seed, version=2)
+                num_frames=num_frames, seed=seed, version=3)
 
     def complete():  # meta.json is written last, so a root that has it holds a whole set
         return (root / 'meta.json').is_file() and json.loads((root / 'meta.json').read_text()) == meta

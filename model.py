@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 # Encoder width/depth/heads and decoder width/depth/heads. Released S and B runs used decoder depth 4.
 PRESETS = {
+    "mini": dict(embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3),  # demo
     "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=96, decoder_depth=4, decoder_num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3),
     "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=6),
@@ -212,14 +213,21 @@ class Encoder(nn.Module):
         """Forward matmul FLOPs of embedding and blocks on num_tokens tokens of one clip."""
         return 2 * num_tokens * self.patch_embed.proj.weight.numel() + blocks_flops(self.blocks, num_tokens)
 
-    def forward(self, patches, mask=None):
+    def forward(self, patches, mask=None, final_norm=True):
         """patches (B, N, P*C) from patchify; mask (B, N) True = hidden. Returns (B, N_visible, embed_dim)."""
         B, N, _ = patches.shape
         pos = self.positions(N, self.pos_embed).expand(B, -1, -1)
         if mask is not None:  # keep the visible tokens, in their original order
             patches, pos = select(patches, ~mask), select(pos, ~mask)
         x = self.patch_embed(patches) + pos  # (B, N_vis, D)
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm(x) if final_norm else x
+
+    def features(self, video):
+        """Whole clips (B, 3, T, H, W) -> the last block's outputs, mean-pooled over tokens: (B, embed_dim). No final
+        norm, so a pre-training encoder and a classifier loaded from it give the same features (k-NN probe)."""
+        self.token_grid(video)
+        return Encoder.forward(self, patchify(video, self.tubelet_size, self.patch_size), final_norm=False).mean(dim=1)
 
 
 class VideoMAE(nn.Module):
@@ -304,9 +312,7 @@ class VideoViT(Encoder):
             self.head.bias.mul_(init_scale)
 
     def forward(self, video):
-        self.token_grid(video)
-        x = super().forward(patchify(video, self.tubelet_size, self.patch_size))  # (B, N, D)
-        return self.head(self.head_drop(self.fc_norm(x.mean(dim=1))))  # (B, num_classes)
+        return self.head(self.head_drop(self.fc_norm(self.features(video))))  # (B, num_classes)
 
 
 def build_model(kind, preset, **kwargs):

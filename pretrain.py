@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -31,10 +32,13 @@ import model as models
 
 # The paper's recipe (UCF101 script: blr 3e-4, mask 0.75, 3200 epochs) when --data_path is given; the demo otherwise.
 PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=800,
-             warmup_epochs=40, blr=1.5e-4, mask_ratio=0.9, num_sample=1, save_ckpt_freq=50, no_norm_pix_loss=False)
-DEMO = dict(model="tiny", input_size=96, num_frames=8, sampling_rate=4, batch_size=8, epochs=30,
-            warmup_epochs=3, blr=1.5e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=10,
-            no_norm_pix_loss=True)  # a few minutes do not get past the normalised loss's plateau (README)
+             warmup_epochs=40, blr=1.5e-4, mask_ratio=0.9, num_sample=1, save_ckpt_freq=50, no_norm_pix_loss=False,
+             in_memory=False)
+# The demo: a 6-block model on 64-pixel clips held in memory, 150 epochs of its 300 training videos in about 10
+# minutes on 2 CPU cores. Plain pixels: the picture then shows what the model itself rebuilds, colours included.
+DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=150,
+            warmup_epochs=10, blr=1.2e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=25,
+            no_norm_pix_loss=True, in_memory=True)
 
 
 def main(argv=None):
@@ -57,7 +61,7 @@ def main(argv=None):
 
     samples = training_subset(data.load_samples(args.data_path, args.data_set, args.split, train=True)[0], args)
     dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate, args.input_size,
-                                num_sample=args.num_sample, seed=args.seed)
+                                num_sample=args.num_sample, seed=args.seed, in_memory=args.in_memory)
     net = models.build_model("pretrain", args.model, img_size=args.input_size, num_frames=args.num_frames,
                              norm_pix_loss=not args.no_norm_pix_loss).to(ctx.device)
     net.encoder.grad_checkpointing = args.grad_ckpt
@@ -69,6 +73,10 @@ def main(argv=None):
     loader, sampler = make_loader(dataset, args, ctx, train=True)
     model = wrap(net, args, ctx)
     demo_clip = dataset[0][0][:1]  # one fixed clip for the reconstruction pictures
+    held_out = held_out_samples(samples, args)
+    val_set = held_out and data.VideoDataset(held_out[::max(1, len(held_out) // 256)], "test", args.num_frames,
+                                             args.sampling_rate, args.input_size, test_num_segment=1, test_num_crop=1)
+    labelled = held_out and min(label for _, label in samples + held_out) >= 0
     steps_per_epoch = len(loader) // args.accum_iter
     ctx.print(f"{len(dataset)} videos, {steps_per_epoch} steps/epoch, {net.encoder.grid} tokens per clip, "
               f"{int(net.encoder.pos_embed.shape[1] * (1 - args.mask_ratio))} visible")
@@ -84,8 +92,19 @@ def main(argv=None):
             return model(clips, m, d)[0]
 
         stats = train_epoch(model, loader, optimizer, run, epoch, step, args, ctx)
+        if run.numbered(epoch) and val_set:  # held-out figures beside each numbered checkpoint
+            stats.update(reconstruction_scores(net, val_set, args, ctx))
+            if labelled:
+                stats["knn_top1"] = knn_probe(net.encoder, samples, held_out, args, ctx)["top1"]
         run.end_epoch(epoch, stats, picture=lambda path: reconstruction_png(net, demo_clip, args, ctx, path))
     run.close()
+
+
+def held_out_samples(train_samples, args):
+    """The test split's videos that pre-training does not see (none for a single list or an unlabelled folder)."""
+    seen = {path for path, _ in train_samples}
+    test = data.load_samples(args.data_path, args.data_set, args.split, train=False)[0]
+    return [(path, label) for path, label in test if path not in seen]
 
 
 def reconstruction_png(net, clip, args, ctx, path):
@@ -112,6 +131,8 @@ def reconstruction_png(net, clip, args, ctx, path):
     frames = [models.unpatchify(r, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2] for r in rows]
     img = torch.cat([torch.cat(list(f.permute(1, 2, 3, 0)), dim=1) for f in frames], dim=0)  # (3H, T/2*W, 3)
     img = (img.cpu().numpy()[..., ::-1] * 255).round().astype(np.uint8)
+    zoom = max(1, 512 // img.shape[1])  # small clips drawn larger, pixels kept sharp
+    img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     text = "top: original; middle: encoder input; bottom: rebuilt, " + (
         "hidden patches drawn with the true patch mean and std" if net.norm_pix_loss else "hidden patches as predicted")
     lines = textwrap.wrap(text, img.shape[1] // 6)
@@ -120,6 +141,31 @@ def reconstruction_png(net, clip, args, ctx, path):
         cv2.putText(caption, line, (2, 13 + 14 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
     atomic_write(path, lambda tmp: cv2.imwrite(tmp, np.concatenate([img, caption])), suffix=".png")
     net.train()
+
+
+def reconstruction_scores(net, dataset, args, ctx):
+    """Mean squared error on held-out clips (one centre clip per video, fixed masks) of the model and of the two
+    trivial predictors on the same clips and masks: the model must beat both to have learnt anything of videos."""
+    net.eval()
+    enc, gen = net.encoder, torch.Generator(ctx.device).manual_seed(0)
+    loader, _ = make_loader(dataset, args, ctx, train=False)
+    sums = torch.zeros(4, dtype=torch.float64)  # model, mean visible, nearest visible, clips
+    with torch.no_grad():
+        for video, *_ in loader:
+            video = data.normalize(video.to(ctx.device).flatten(0, 1))  # (B, 3, T, H, W)
+            m = masks.MASKS[args.mask_type](video.shape[0], enc.grid, args.mask_ratio, generator=gen, device=ctx.device)
+            with autocast(args, ctx):
+                loss = net(video, m)[0].float()
+            target = models.reconstruction_target(models.patchify(video, enc.tubelet_size, enc.patch_size),
+                                                  net.norm_pix_loss)
+            hidden = models.select(target, m)
+            mean_visible, nearest_visible = masks.trivial_predictions(target, m, enc.grid)
+            sums += torch.tensor([loss.item(), F.mse_loss(mean_visible, hidden).item(),
+                                  F.mse_loss(nearest_visible, hidden).item(), 1.0]) * video.shape[0]
+    net.train()
+    model_loss, mean_loss, nearest_loss, clips = all_sum(sums.tolist(), ctx)
+    return {"recon_val": model_loss / clips, "recon_val_mean_visible": mean_loss / clips,
+            "recon_val_nearest_visible": nearest_loss / clips}
 
 
 # ============================================================================= shared with finetune.py
@@ -139,6 +185,8 @@ def common_parser(doc, paper, demo):
                              ("num_sample", int, "clips drawn from each decoded video (repeated sampling)"),
                              ("save_ckpt_freq", int, "epochs between numbered checkpoints")]:
         arg(f"--{name}", type=kind, help=f"{hint} (paper {paper.get(name)}, demo {demo.get(name)})")
+    arg("--in_memory", action="store_true", default=None,
+        help="decode each training video once and keep its frames in memory, for small sets (default: on the demo only)")
     arg("--per_class", type=int, help="train on the first N videos of each class only (data-efficiency studies)")
     arg("--lr", type=float, help="absolute lr; overrides --blr")
     arg("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine")
@@ -330,6 +378,77 @@ def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
             "epoch_s": elapsed}
 
 
+def per_video(fn, dataset, args, ctx):
+    """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset, across all
+    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, the substitutions."""
+    loader, _ = make_loader(dataset, args, ctx, train=False)
+    idx, out, substituted = [], [], 0
+    with torch.no_grad():
+        for video, _, index, subst in loader:
+            B, V = video.shape[:2]
+            with autocast(args, ctx):
+                values = fn(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
+            out.append(values.float().view(B, V, -1).cpu())
+            idx.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
+            substituted += int(subst.sum())
+    idx, out = gather(torch.cat(idx).flatten(0, 1), ctx), gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, 2), (rows, K)
+    merged, seen = merge_views(idx, out, len(dataset))
+    return merged, seen, int(all_sum([substituted], ctx)[0])
+
+
+def merge_views(indices, probs, num_videos):
+    """Average the softmax scores of every view of each video; `indices` name the video of each row. Rows
+    repeated by a distributed sampler's padding are counted once. Returns (num_videos, C) and the count seen."""
+    merged = torch.zeros(num_videos, probs.shape[1], dtype=torch.float64)
+    views = torch.zeros(num_videos, dtype=torch.float64)
+    unique_rows = {}
+    for row, (i, view) in enumerate(indices.tolist()):
+        unique_rows[(i, view)] = row  # the same (video, view) twice is the padding
+    rows = torch.tensor(list(unique_rows.values()), dtype=torch.long)
+    vids = indices[rows, 0]
+    merged.index_add_(0, vids, probs[rows].double())
+    views.index_add_(0, vids, torch.ones(len(rows), dtype=torch.float64))
+    seen = views > 0
+    return merged / views.clamp(min=1)[:, None], seen
+
+
+def gather(t, ctx):
+    """Rows of every process, concatenated (each holds the same number: the sampler pads)."""
+    if ctx.world == 1:
+        return t
+    parts = [torch.empty_like(t.to(ctx.device)) for _ in range(ctx.world)]
+    dist.all_gather(parts, t.to(ctx.device))
+    return torch.cat(parts).cpu()
+
+
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
+    """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most similar training
+    videos vote for their class with weight exp(similarity / temperature). Returns votes (num_test, num_classes)."""
+    similarity = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T  # (M, N)
+    top, neighbour = similarity.topk(min(k, len(train_labels)), dim=1)  # (M, k)
+    votes = torch.zeros(len(test_features), num_classes, dtype=similarity.dtype)
+    return votes.scatter_add_(1, train_labels[neighbour], (top / temperature).exp())
+
+
+def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20):
+    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the training videos
+    to the test videos. Returns {"top1", "top5", "k", "num_videos"}."""
+    encoder.eval()
+    features = []
+    for samples in (train_samples, test_samples):
+        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
+                                    test_num_segment=1, test_num_crop=1)
+        values, seen, _ = per_video(encoder.features, dataset, args, ctx)
+        labels = torch.tensor([label for _, label in samples])
+        features.append((values[seen], labels[seen]))
+    encoder.train()
+    (train_x, train_y), (test_x, test_y) = features
+    votes = knn_classify(train_x, train_y, test_x, int(max(train_y.max(), test_y.max())) + 1, k)
+    top5 = votes.topk(min(5, votes.shape[1]), dim=1).indices
+    return {"top1": (top5[:, 0] == test_y).float().mean().item(), "top5": (top5 == test_y[:, None]).any(1).float().mean().item(),
+            "k": min(k, len(train_y)), "num_videos": len(test_y)}
+
+
 def check_finite(loss_sum, epoch, it, run, ctx):
     if all_sum([float(not torch.isfinite(loss_sum))], ctx)[0] > 0:  # every process stops together
         ctx.print(f"loss is not finite at epoch {epoch} step {it}: stopping. The last good checkpoint is "
@@ -384,17 +503,20 @@ class Run:
     def end_epoch(self, epoch, stats, picture=None):
         """Checkpoint (latest every epoch, numbered every save_ckpt_freq and at the end), then log."""
         args, ctx = self.args, self.ctx
-        last = epoch + 1 == args.epochs
         if ctx.main:
             ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(args)}
             atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
-            if (epoch + 1) % args.save_ckpt_freq == 0 or last:
+            if self.numbered(epoch):
                 atomic_write(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"), lambda tmp: torch.save(ckpt, tmp))
                 if picture:
                     picture(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"))
         self.log(stats)
         ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+
+    def numbered(self, epoch):
+        """Epochs that get a numbered checkpoint (and the held-out figures): every save_ckpt_freq, and the last."""
+        return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def close(self):
         if self.ctx.world > 1 and dist.is_initialized():
