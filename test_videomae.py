@@ -910,6 +910,21 @@ def test_bench_smoke_run_has_every_row(tmp_path):
         assert row in names, row
 
 
+def test_init_statistics_are_the_references():
+    # modeling_pretrain.py: encoder_to_decoder never sees the weight init (torch's default: uniform, std
+    # 1/sqrt(3 * fan_in)); mask_token is trunc_normal_(std=.02) with timm's absolute bounds set to -.02, .02
+    torch.manual_seed(0)
+    net = MD.VideoMAE(**{**TINY, "embed_dim": 768, "num_heads": 12, "decoder_embed_dim": 384, "decoder_num_heads": 6})
+    bridge = net.encoder_to_decoder.weight
+    assert abs(bridge.std().item() / (1 / math.sqrt(3 * 768)) - 1) < 0.02  # 0.0208 (xavier would give 0.0417)
+    assert bridge.abs().max().item() <= 1 / math.sqrt(768)
+    token = net.mask_token
+    assert token.abs().max().item() <= 0.02
+    assert abs(token.std().item() / (0.02 * 0.5396) - 1) < 0.15  # a normal cut at one std keeps 0.54 of its std
+    head = net.decoder.head.weight  # every other Linear stays xavier
+    assert abs(head.std().item() / math.sqrt(2 / (384 + 384)) - 1) < 0.02
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     video, m = torch.randn(2, 3, 4, 32, 32), M.tube_mask(2, GRID, 0.5, generator=torch.Generator().manual_seed(0))
     grads = []
