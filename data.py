@@ -1,4 +1,4 @@
-"""Video data for VideoMAE (arXiv 2203.12602): frame-exact OpenCV reading, the reference's sampling and augmentations
+"""Video data for VideoMAE (arXiv 2203.12602): frame-exact OpenCV reading, the reference's sampling and crops
 (github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), dataset lists, a demo set. Clips leave the workers
 as uint8 (V, T, H, W, 3) RGB, a quarter of float's bytes; `normalize` makes ImageNet-normalised float (B, 3, T, H, W)
 on the training device."""
@@ -17,7 +17,6 @@ VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
 SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
 SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
 _SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
-_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # RandAugment border fill: mean pixel, as timm's img_mean
 
 # Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each FFmpeg decoder (_open)
 # run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and oversubscribe the CPU.
@@ -97,22 +96,29 @@ def normalize(clips):
 
 
 def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
-    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment evenly
-    spaced test clips, as a list. Indices past the end are clamped: a short video repeats its last frame."""
+    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test clips, as a
+    list, by the reference's rules, short videos included (github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py)."""
     T, r, S = num_frames, sampling_rate, test_num_segment
-    if sampling == 'segment':  # ssv2.py: T equal segments, a random frame in each (its middle at test)
-        offsets = [(v + 0.5) / S for v in range(S)] if mode == 'test' else [rng.random(T)]
-        clips = [(np.arange(T) + o) * n / T for o in offsets]
-    elif mode == 'pretrain':  # VideoMAE pre-training loader: T frames at stride r from a random start
-        clips = [rng.integers(max(n - T * r, 0) + 1) + r * np.arange(T)]
+    if sampling == 'segment' and mode == 'test':  # ssv2.py: T segments, at offsets 0 and 1/2 of one (S = 2)
+        tick = n / T
+        clips = [[int(tick * v / S + tick * t) for t in range(T)] for v in range(S)]
+    elif sampling == 'segment':  # ssv2.py: T segments of n // T frames, a random frame in each; all 0 if n < T
+        length = n // T
+        clips = [np.arange(T) * length + (rng.integers(length, size=T) if length else 0)]
+    elif mode == 'pretrain':  # VideoMAE pre-training loader: stride r from a random start; a step that would
+        start = rng.integers(max(n - T * r, 0) + 1)  # reach the last frame (or past it) is not taken
+        steps = max((n - 2 - start) // r, 0)  # the frame reached last then repeats
+        clips = [start + r * np.minimum(np.arange(T), steps)]
     elif mode == 'train' and n > T * r:  # kinetics.py: T frames evenly over [end - T*r, end), end random
         end = rng.integers(T * r, n)
         clips = [np.minimum(np.linspace(end - T * r, end, T), end - 1)]
-    elif mode == 'train':  # kinetics.py, a video shorter than T*r: stride r, then its last frame repeats
-        clips = [r * np.arange(T)]
-    else:  # kinetics.py test: S clips of T frames at stride r, starts evenly over the video
-        room = max(n - (T - 1) * r - 1, 0)
-        clips = [s + r * np.arange(T) for s in (np.linspace(0, room, S) if S > 1 else [room / 2])]
+    elif mode == 'train':  # kinetics.py, n <= T*r: n // r frames evenly over [0, n], then the last frame repeats
+        clips = [np.concatenate([np.linspace(0, n, n // r), np.full(T - n // r, n)])]
+    else:  # kinetics.py test: every r-th frame (the last repeated up to T), S clips of T evenly spaced in it
+        every = r * np.minimum(np.arange(max(-(-n // r), T)), -(-n // r) - 1)
+        room = len(every) - T
+        starts = [int(v * (room / (S - 1))) for v in range(S)] if S > 1 else [room // 2]  # S = 1: the middle
+        clips = [every[s:s + T] for s in starts]
     return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
 
 
@@ -128,17 +134,18 @@ def multiscale_crop_box(H, W, size, rng):
     return a * ((W - w) // 4), b * ((H - h) // 4), w, h
 
 
-def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """(x, y, w, h) of torchvision's RandomResizedCrop, the reference's fine-tuning crop: area a uniform fraction
-    `scale` of the frame's, aspect w / h log-uniform in `ratio`; after 10 misses the whole frame (torchvision's
-    fallback for frames whose aspect lies within `ratio`)."""
-    for _ in range(10):
+def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10, largest=None):
+    """(x, y, w, h) of the reference's fine-tuning crop (torchvision's RandomResizedCrop draw): area a uniform
+    fraction `scale` of the frame's, aspect w / h log-uniform in `ratio`, sides at most `largest` (h, w) (the
+    frame's by default); None after `tries` draws that do not fit."""
+    max_h, max_w = largest or (H, W)
+    for _ in range(tries):
         area = H * W * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= W and 0 < h <= H:
+        if 0 < w <= max_w and 0 < h <= max_h:
             return int(rng.integers(W - w + 1)), int(rng.integers(H - h + 1)), w, h
-    return 0, 0, W, H
+    return None
 
 
 def eval_crop_boxes(H, W, num_crop):
@@ -148,72 +155,15 @@ def eval_crop_boxes(H, W, num_crop):
     return [(int(o), 0, s, s) if W >= H else (0, int(o), s, s) for o in starts]
 
 
-RAND_OPS = ('identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize', 'contrast',
-            'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
-
-
-def rand_augment(clip, rng, magnitude=7.0, num_ops=4, mstd=0.5, inc=False):
-    """timm's RandAugment with the reference's ranges, video-consistent: the same op and magnitude on
-    every frame of a uint8 (T, H, W, 3) RGB clip, histogram ops from the whole clip. Each of num_ops ops
-    drawn uniformly applies with p 0.5 at magnitude ~ N(magnitude, mstd) clipped to [0, 10]."""
-    T, H, W, _ = clip.shape
-    img = clip.reshape(T * H, W, 3)  # frames stacked vertically: per-pixel ops in one OpenCV call
-    v = np.arange(256)[:, None]
-    for op in rng.choice(RAND_OPS, num_ops):
-        if rng.random() >= 0.5 or op == 'identity':
-            continue
-        mag = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) / 10
-        sign = 1 if rng.random() < 0.5 else -1
-        if op in ('autocontrast', 'equalize', 'solarize', 'posterize'):  # per-channel lookup tables
-            if op == 'autocontrast':
-                lo, hi = img.min((0, 1)).astype(float), img.max((0, 1)).astype(float)
-                lut = np.where(hi > lo, (v - lo) * 255 / np.maximum(hi - lo, 1), v)
-            elif op == 'equalize':  # PIL ImageOps.equalize on the clip's histogram
-                hist = np.stack([np.bincount(img[..., c].ravel(), minlength=256) for c in range(3)], 1)
-                step = (hist.sum(0) - hist[[np.flatnonzero(hist[:, c])[-1] for c in range(3)], range(3)]) // 255
-                cum = np.vstack([np.zeros((1, 3), int), np.cumsum(hist, 0)[:-1]])
-                lut = np.where(step > 0, (step // 2 + cum) // np.maximum(step, 1), v)
-            elif op == 'solarize':  # invert values at or above the threshold
-                lut = np.where(v < (256 - int(256 * mag) if inc else int(256 * mag)), v, 255 - v)
-            else:  # posterize: keep the top `bits` bits
-                lut = v & (0xFF << (8 - (4 - int(4 * mag) if inc else int(4 * mag)))) & 0xFF
-            img = cv2.LUT(img, np.clip(lut * np.ones(3), 0, 255).astype(np.uint8)[:, None, :])
-        elif op in ('color', 'contrast', 'brightness', 'sharpness'):  # PIL ImageEnhance: blend with a degenerate
-            gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-            smooth = np.float32([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13  # PIL's SMOOTH, for sharpness
-            degenerate = (cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB) if op == 'color' else
-                          np.full_like(img, round(gray.mean())) if op == 'contrast' else
-                          np.zeros_like(img) if op == 'brightness' else
-                          np.concatenate([cv2.filter2D(f, -1, smooth) for f in img.reshape(T, H, W, 3)]))
-            img = cv2.addWeighted(img, 1 + sign * 0.9 * mag, degenerate, -sign * 0.9 * mag, 0)
-        else:  # geometric, as inverse maps (output pixel -> input pixel), PIL's convention
-            s, t = sign * 0.3 * mag, sign * 0.45 * mag
-            M = np.float32({'rotate': cv2.getRotationMatrix2D((W / 2, H / 2), sign * 30 * mag, 1),
-                            'shear_x': [[1, s, 0], [0, 1, 0]], 'shear_y': [[1, 0, 0], [s, 1, 0]],
-                            'translate_x': [[1, 0, t * W], [0, 1, 0]], 'translate_y': [[1, 0, 0], [0, 1, t * H]]}[op])
-            img = np.concatenate([cv2.warpAffine(f, M, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                                 borderValue=_FILL) for f in img.reshape(T, H, W, 3)])
-    return img.reshape(T, H, W, 3)
-
-
-def random_erase(clip, rng):
-    """timm RandomErasing (mode 'pixel', area 2%-1/3, aspect 0.3-3.3) with one box for every frame (the
-    reference erases each frame independently). The box is filled with per-pixel noise N(0, 1) in
-    normalised space, i.e. ImageNet mean + std * z, quantised to uint8. In place."""
-    T, H, W, _ = clip.shape
-    x, y, w, h = resized_crop_box(H, W, rng, (0.02, 1 / 3), (0.3, 1 / 0.3))  # timm's draw of the box
-    if w < W and h < H:  # timm's boxes are smaller than the frame (a rare full-width draw is dropped, not redrawn)
-        noise = 255 * (np.array(IMAGENET_MEAN) + np.array(IMAGENET_STD) * rng.standard_normal((T, h, w, 3)))
-        clip[:, y:y + h, x:x + w] = np.clip(noise, 0, 255).astype(np.uint8)
-    return clip
-
-
-def _render(frames, indices, box, size, flip, out):
-    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames first, then bilinear resize
-    straight into `out`, then colour-convert (and flip) in place: no copy of the clip is made."""
+def _render(frames, indices, box, size, flip, out, area=False):
+    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames first, then resize straight into
+    `out`, then colour-convert (and flip) in place: no copy of the clip is made. Bilinear, as the reference's
+    fine-tuning and test; with `area`, a crop larger than `size` both ways is averaged (INTER_AREA), closer to
+    the PIL bilinear filter of its pre-training, which averages when it shrinks (README: the differences)."""
     x, y, w, h = box
+    interpolation = cv2.INTER_AREA if area and w > size and h > size else cv2.INTER_LINEAR
     for t, i in enumerate(indices):
-        cv2.resize(frames[i][y:y + h, x:x + w], (size, size), dst=out[t], interpolation=cv2.INTER_LINEAR)
+        cv2.resize(frames[i][y:y + h, x:x + w], (size, size), dst=out[t], interpolation=interpolation)
     rows = out.reshape(-1, size, 3)  # the frames stacked vertically: one OpenCV call for the clip
     cv2.cvtColor(rows, cv2.COLOR_BGR2RGB, dst=rows)
     if flip:  # mirror each row: every frame flips left-right
@@ -224,23 +174,20 @@ def _render(frames, indices, box, size, flip, out):
 class VideoDataset(torch.utils.data.Dataset):
     """Items (clips uint8 (V, T, H, W, 3), label, index, substituted): V = num_sample crops of one decoded clip
     (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in 'test' mode.
+    In 'train' mode augment(view, rng), if given, alters each crop in place (finetune.py: RandAugment, erasing).
     An unreadable video is replaced by the next sample (whose label is returned) and counted in
     `substituted`; over max_bad_fraction (and at least 3) unreadable files raise."""
 
     def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
-                 sampling='i3d', flip=None, aa='rand-m7-n4-mstd0.5', reprob=0.25, crop_scale=(0.08, 1.0),
-                 test_num_segment=5, test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
+                 sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
+                 test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
         if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
             raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
                              f"{len(samples)} samples; check the arguments and --data_path")
-        self.samples, self.mode, self.sampling, self.reprob, self.seed = list(samples), mode, sampling, reprob, seed
+        self.samples, self.mode, self.sampling, self.augment, self.seed = list(samples), mode, sampling, augment, seed
         self.crop_scale = tuple(crop_scale)
         self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
         self.flip = mode == 'train' if flip is None else flip
-        m = re.fullmatch(r'rand-m([\d.]+)-n(\d+)(?:-mstd([\d.]+))?(-inc1)?', aa or '')  # timm's --aa syntax
-        if aa and not m:
-            raise ValueError(f"--aa {aa!r}: expected rand-m<M>-n<N>[-mstd<S>][-inc1], e.g. rand-m7-n4-mstd0.5")
-        self.aa = m and (float(m[1]), int(m[2]), float(m[3] or 0), bool(m[4]))  # (m, n, mstd, increasing)
         self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
         self.bad = set()  # files proven unreadable in this process (each DataLoader worker has its own)
         self.frames = {}  # path -> every decoded BGR frame (n, H, W, 3), with in_memory: small sets decode once
@@ -277,24 +224,20 @@ class VideoDataset(torch.utils.data.Dataset):
         # Per-item generator from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed by manual_seed.
         rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
         clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
-        if self.mode != 'test':  # repeated sampling, as the reference: the same frames, augmented num_sample times
+        if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same frames, num_sample crops
             clips = clips * self.num_sample
         frames = video if video is not None else _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
         H, W = frames[clips[0][0]].shape[:2]
         if self.mode == 'test':
-            boxes = [(c, box) for c in clips for box in eval_crop_boxes(H, W, self.crops)]
-            out = np.empty((len(boxes), len(clips[0]), self.size, self.size, 3), np.uint8)
-            for view, (c, box) in zip(out, boxes):
-                _render(frames, c, box, self.size, False, view)
-            return out
-        out = np.empty((len(clips), len(clips[0]), self.size, self.size, 3), np.uint8)
-        for view, c in zip(out, clips):  # pre-training: multi-scale crop (no flip by default); fine-tuning: the rest
-            box = multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else resized_crop_box(H, W, rng, self.crop_scale)
-            _render(frames, c, box, self.size, self.flip and rng.random() < 0.5, view)
-            if self.mode == 'train' and self.aa:  # the reference augments full frames before the crop: dearer
-                view[:] = rand_augment(view, rng, *self.aa)
-            if self.mode == 'train' and rng.random() < self.reprob:
-                random_erase(view, rng)
+            views = [(c, box) for c in clips for box in eval_crop_boxes(H, W, self.crops)]
+        else:  # pre-training: multi-scale crop; fine-tuning: random resized crop (the whole frame after 10 misses)
+            views = [(c, multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else
+                      resized_crop_box(H, W, rng, self.crop_scale) or (0, 0, W, H)) for c in clips]
+        out = np.empty((len(views), len(clips[0]), self.size, self.size, 3), np.uint8)
+        for view, (c, box) in zip(out, views):
+            _render(frames, c, box, self.size, self.flip and rng.random() < 0.5, view, area=self.mode == 'pretrain')
+            if self.mode == 'train' and self.augment:  # on the crop (the reference: on whole frames, before it)
+                self.augment(view, rng)
         return out
 
 
@@ -316,6 +259,17 @@ def _list_file(lst):
     return entries, [min(parents[c]) if len(parents.get(c, ())) == 1 else str(c) for c in names]
 
 
+def _split_dirs(root):
+    """{data set: folder of its official split files}, for those found inside or beside root."""
+    return {name: d for name, sub in SPLIT_DIRS.items() for d in (root.parent / sub, root / sub) if d.is_dir()}
+
+
+def guess_data_set(data_path):
+    """The format of data_path: 'list', 'UCF101' or 'HMDB51' (their split folders found), else 'folder'."""
+    root = Path(data_path)
+    return 'list' if root.is_file() or (root / 'train.txt').is_file() else next(iter(_split_dirs(root)), 'folder')
+
+
 def load_samples(data_path, data_set=None, split=1, train=True):
     """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' (UCF-101/,
     ucfTrainTestlist/ beside or inside), 'HMDB51' (hmdb51_org/, testTrainMulti_7030_splits/ beside or
@@ -326,9 +280,8 @@ def load_samples(data_path, data_set=None, split=1, train=True):
         root, data_set = root if (root / 'meta.json').is_file() else make_demo_dataset(root), 'list'
     if not root.exists():
         raise FileNotFoundError(f"--data_path {root} does not exist")
-    splits = {name: d for name, sub in SPLIT_DIRS.items() for d in (root.parent / sub, root / sub) if d.is_dir()}
-    if data_set is None:
-        data_set = 'list' if root.is_file() or (root / 'train.txt').is_file() else next(iter(splits), 'folder')
+    splits = _split_dirs(root)
+    data_set = data_set or guess_data_set(root)
     if data_set in SPLIT_DIRS and data_set not in splits:
         raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it for the split files")
     if data_set == 'UCF101':  # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"

@@ -259,7 +259,10 @@ class VideoMAE(nn.Module):
         self.register_buffer("decoder_pos_embed", sinusoid_table(self.encoder.pos_embed.shape[1], decoder_embed_dim),
                              persistent=False)
         init_weights(self, nn.init.xavier_uniform_)  # qkv initialised as one matrix, as in the reference
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # The reference initialises only inside its encoder and decoder: the bridge keeps torch's default init
+        # (uniform, std 1/sqrt(3 * embed_dim)), and mask_token is cut at +-0.02 (timm's bounds are absolute).
+        self.encoder_to_decoder.reset_parameters()
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def forward(self, video, mask, decode_mask=None):
         enc = self.encoder

@@ -30,21 +30,31 @@ import data
 import mask as masks
 import model as models
 
-# The paper's recipe (UCF101 script: blr 3e-4, mask 0.75, 3200 epochs) when --data_path is given; the demo otherwise.
-PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=800,
-             warmup_epochs=40, blr=1.5e-4, mask_ratio=0.9, num_sample=1, save_ckpt_freq=50, no_norm_pix_loss=False,
-             in_memory=False)
+# The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/pretrain.sh, ViT-B),
+# chosen by --recipe (default: the --data_set's own, else K400's) when --data_path is given; the demo's otherwise.
+# Epochs as in the scripts, one more than the name says; blr and min_blr are the scripts' --lr and --min_lr.
+K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801, warmup_epochs=40,
+            blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20, no_norm_pix_loss=False,
+            in_memory=False)
+UCF101 = {**K400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75,
+          "save_ckpt_freq": 100}  # ucf101/..._ratio_0.75_epoch_3200, for 8 GPUs
+RECIPES = {
+    "K400": K400,  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs
+    "SSv2": {**K400, "sampling_rate": 2},  # ssv2/..._ratio_0.9_epoch_800
+    "UCF101": UCF101,
+    "HMDB51": {**UCF101, "epochs": 4800},  # no script: the paper's epochs, UCF101's values otherwise
+}
 # The demo: a 6-block model on 64-pixel clips held in memory, 150 epochs of its 300 training videos in about 10
 # minutes on 2 CPU cores. Plain pixels: the picture then shows what the model itself rebuilds, colours included.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=150,
-            warmup_epochs=10, blr=1.2e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=25,
+            warmup_epochs=10, blr=2.4e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=25,
             no_norm_pix_loss=True, in_memory=True)
 
 
 def main(argv=None):
-    parser = common_parser(__doc__, PAPER, DEMO)
+    parser = common_parser(__doc__, RECIPES, DEMO)
     parser.add_argument("--mask_type", choices=list(masks.MASKS), default="tube")
-    parser.add_argument("--mask_ratio", type=float, help="share of tokens hidden from the encoder (paper: 0.9)")
+    parser.add_argument("--mask_ratio", type=float, help="share of tokens hidden from the encoder (K400: 0.9, UCF101: 0.75)")
     parser.add_argument("--decoder_mask_type", choices=["none", "run_cell"], default="none",
                         help="VideoMAE V2 dual masking: rebuild only a running-cell subset of the tokens")
     parser.add_argument("--decoder_mask_ratio", type=float, default=0.5)
@@ -53,7 +63,7 @@ def main(argv=None):
                         help="rebuild plain pixels, not per-patch normalised ones (default: normalised; plain on the demo)")
     parser.add_argument("--norm_pix_loss", dest="no_norm_pix_loss", action="store_false", default=None,
                         help="rebuild per-patch normalised pixels (the default, except on the demo)")
-    args = finish_args(parser, argv, PAPER, DEMO)
+    args = finish_args(parser, argv, RECIPES, DEMO)
     for name in ("mask_ratio", "decoder_mask_ratio"):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must lie strictly between 0 and 1")
@@ -170,29 +180,33 @@ def reconstruction_scores(net, dataset, args, ctx):
 
 # ============================================================================= shared with finetune.py
 
-def common_parser(doc, paper, demo):
+def common_parser(doc, recipes, demo):
     p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     arg = p.add_argument
-    arg("--model", choices=list(models.PRESETS), help=f"model size (default {paper['model']}; demo {demo['model']})")
+    arg("--model", choices=list(models.PRESETS), help=f"model size (default {recipes['K400']['model']}; demo {demo['model']})")
     arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos (default: the demo set)")
     arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"], help="format of --data_path (guessed if absent)")
+    arg("--recipe", choices=list(recipes), help="the reference's values for this data set, for every flag not given "
+                                                "(default: the --data_set's own, else K400's; README: the recipes)")
     arg("--split", type=int, default=1, choices=[1, 2, 3], help="official UCF101/HMDB51 split")
     arg("--output_dir", help="where logs and checkpoints go (default runs/<script>-<data>)")
-    for name, kind, hint in [("batch_size", int, "videos per process and step"), ("epochs", int, ""),
-                             ("input_size", int, "crop size in pixels"), ("num_frames", int, "frames per clip"),
-                             ("sampling_rate", int, "frame stride"), ("warmup_epochs", float, ""),
-                             ("blr", float, "base lr: lr = blr * total batch / 256"),
-                             ("num_sample", int, "clips drawn from each decoded video (repeated sampling)"),
-                             ("save_ckpt_freq", int, "epochs between numbered checkpoints")]:
-        arg(f"--{name}", type=kind, help=f"{hint} (paper {paper.get(name)}, demo {demo.get(name)})")
+    # Recipe values (None until finish_args): names as in this project, then the reference's spelling where it differs.
+    for names, kind, hint in [(["--batch_size"], int, "videos per process and step"), (["--epochs"], int, ""),
+                              (["--input_size"], int, "crop size in pixels"), (["--num_frames"], int, "frames per clip"),
+                              (["--sampling_rate"], int, "frame stride"), (["--warmup_epochs"], float, ""),
+                              (["--blr", "--lr"], float, "base lr: lr = blr x videos per optimizer step / 256"),
+                              (["--min_blr", "--min_lr"], float, "base lr at the end of the cosine, scaled as blr"),
+                              (["--num_sample"], int, "crops of each decoded clip (repeated sampling; not counted by the lr)"),
+                              (["--save_ckpt_freq"], int, "epochs between numbered checkpoints")]:
+        name = names[0][2:]
+        arg(*names, dest=name, type=kind, help=f"{hint} (K400 recipe {recipes['K400'].get(name)}, demo {demo.get(name)})")
+    arg("--accum_iter", "--update_freq", dest="accum_iter", type=int, default=1,
+        help="steps of gradient accumulation per optimizer step")
     arg("--in_memory", action="store_true", default=None,
         help="decode each training video once and keep its frames in memory, for small sets (default: on the demo only)")
     arg("--per_class", type=int, help="train on the first N videos of each class only (data-efficiency studies)")
-    arg("--lr", type=float, help="absolute lr; overrides --blr")
-    arg("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine")
     arg("--weight_decay", type=float, default=0.05)
     arg("--clip_grad", type=float, help="clip the gradient norm to this value")
-    arg("--accum_iter", type=int, default=1, help="steps of gradient accumulation per optimizer step")
     arg("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per GPU")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -203,20 +217,23 @@ def common_parser(doc, paper, demo):
     return p
 
 
-def finish_args(parser, argv, paper, demo):
-    """Parse, fill the recipe's defaults (the demo's without --data_path) and reject bad values with one line."""
+def finish_args(parser, argv, recipes, demo):
+    """Parse, fill every flag not given from the recipe (the demo's values over K400's without --data_path) and
+    reject bad values with one line."""
     args = parser.parse_args(argv)
     args.demo = args.data_path is None
-    args.recipe_defaults = sorted(k for k in paper if getattr(args, k, None) is None)  # flags not given
-    for key, value in (demo if args.demo else paper).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
     if args.demo:
         args.data_path, args.data_set = str(data.make_demo_dataset("data/demo")), "list"
     elif not os.path.exists(args.data_path):
         parser.error(f"--data_path {args.data_path} does not exist")
+    args.data_set = args.data_set or data.guess_data_set(args.data_path)
+    args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
+    recipe = {**recipes[args.recipe], **demo} if args.demo else recipes[args.recipe]
+    args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # flags not given
+    for key in args.recipe_defaults:
+        setattr(args, key, recipe[key])
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set or 'data'}")
+    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_frames % models.TUBELET_SIZE:
         parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size {models.TUBELET_SIZE}")
@@ -251,12 +268,14 @@ class Context:
 
 
 def setup(args):
+    """The process's Context, the lr and min_lr from the base values, the seed. The reference's rule: the base
+    values times videos per optimizer step / 256; the num_sample clips cut from each video are not counted."""
     ctx = Context(args)
-    total = args.batch_size * ctx.world * args.accum_iter * args.num_sample  # clips per optimizer step
-    if args.lr is None:
-        args.lr = args.blr * total / 256
-    ctx.print(f"base lr {args.blr:.3g} x total batch {total} / 256 = lr {args.lr:.3g}"
-              f" ({args.batch_size} videos x {args.num_sample} clips x {ctx.world} processes x {args.accum_iter} accum)")
+    videos = args.batch_size * ctx.world * args.accum_iter  # videos per optimizer step
+    args.lr = args.blr * videos / 256
+    args.min_lr = args.min_blr * videos / 256
+    ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, min_lr {args.min_lr:.3g}"
+              f" ({args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum; recipe {args.recipe})")
     torch.manual_seed(args.seed)
     return ctx
 

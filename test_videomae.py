@@ -1,4 +1,5 @@
 """Tests: masks, model numerics, checkpoint formats, data, and the scripts end to end on generated videos."""
+import functools
 import json
 import math
 import threading
@@ -467,6 +468,65 @@ def test_truncated_file_repeats_last_real_frame(videos, tmp_path):
     assert np.array_equal(data.read_frames(path, [149, 120]), real[[-1, -1]])  # a seek past the real end
 
 
+class FixedDraw:
+    """An rng whose integers() returns one value: pins the random start or end of a clip."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def integers(self, *args, **kwargs):
+        return self.value
+
+
+def reference_indices(n, mode, T, r, S=2, start=0, view=0):
+    """The reference's frame indices, written out step by step from its loaders (kinetics.py, ssv2.py)."""
+    if mode == 'pretrain':  # VideoMAE dataset: 1-based offset, advanced by r while offset + r < n
+        out, offset = [], start + 1
+        for _ in range(T):
+            out.append(offset - 1)
+            if offset + r < n:
+                offset += r
+        return out
+    if mode == 'train':  # a video of at most T*r frames: n // r points evenly over [0, n], then n, clipped
+        points = list(np.linspace(0, n, n // r)) + [n] * (T - n // r)
+        return [min(int(p), n - 1) for p in points]
+    if mode == 'test':  # every r-th frame, the last repeated up to T; clip `view` of S starts at int(view * step)
+        every = list(range(0, n, r))
+        every += [every[-1]] * (T - len(every))
+        step = max((len(every) - T) / (S - 1), 0)
+        return every[int(view * step):int(view * step) + T]
+    tick = n / T  # segment test: both offsets' frames sorted together, then every second one
+    both = sorted([int(tick / 2 + tick * t) for t in range(T)] + [int(tick * t) for t in range(T)])
+    return both[view::2]
+
+
+def test_clip_indices_follow_the_reference():
+    for T, r in [(16, 4), (16, 2), (4, 3), (8, 1)]:
+        for n in range(1, 160):
+            for start in sorted({0, max(n - T * r, 0) // 2, max(n - T * r, 0)}):
+                (c,) = data.clip_indices(n, 'pretrain', T, r, 'i3d', FixedDraw(start))
+                assert c.tolist() == reference_indices(n, 'pretrain', T, r, start=start), (n, T, r, start)
+            if n <= T * r:
+                (c,) = data.clip_indices(n, 'train', T, r, 'i3d', np.random.default_rng(0))
+                assert c.tolist() == reference_indices(n, 'train', T, r), (n, T, r)
+            for S in (2, 3, 5):
+                test = data.clip_indices(n, 'test', T, r, 'i3d', test_num_segment=S)
+                assert [c.tolist() for c in test] == [reference_indices(n, 'test', T, r, S, view=v) for v in range(S)]
+            test = data.clip_indices(n, 'test', T, r, 'segment', test_num_segment=2)
+            assert [c.tolist() for c in test] == [reference_indices(n, 'segment', T, r, view=v) for v in (0, 1)]
+    # values from the rules by hand: a 40-frame video, 16 frames at stride 4
+    assert data.clip_indices(40, 'pretrain', 16, 4, 'i3d', FixedDraw(0))[0].tolist() == [0, 4, 8, 12, 16, 20, 24, 28,
+                                                                                      32, 36, 36, 36, 36, 36, 36, 36]
+    assert data.clip_indices(40, 'train', 16, 4, 'i3d', FixedDraw(0))[0].tolist() == [0, 4, 8, 13, 17, 22, 26, 31,
+                                                                                   35, 39, 39, 39, 39, 39, 39, 39]
+    assert [c[0] for c in data.clip_indices(300, 'test', 16, 4, 'i3d', test_num_segment=5)] == [0, 56, 116, 176, 236]
+    seg = data.clip_indices(320, 'test', 16, 4, 'segment', test_num_segment=2)  # offsets 0 and 1/2 of a segment
+    assert seg[0].tolist() == list(range(0, 320, 20)) and seg[1].tolist() == list(range(10, 320, 20))
+    (c,) = data.clip_indices(330, 'train', 16, 4, 'segment', FixedDraw(3))  # segments of 330 // 16 = 20 frames
+    assert c.tolist() == list(range(3, 320, 20))
+    assert data.clip_indices(10, 'train', 16, 4, 'segment', FixedDraw(3))[0].tolist() == [0] * 16  # shorter than T
+
+
 def test_clip_indices():
     rng = np.random.default_rng(0)
     T, r = 16, 4
@@ -476,14 +536,10 @@ def test_clip_indices():
         (c,) = data.clip_indices(300, 'train', T, r, 'i3d', rng)
         assert len(c) == T and np.all(np.diff(c) >= 4) and np.all(np.diff(c) <= 5) and 60 <= c[-1] - c[0] <= 64
         (c,) = data.clip_indices(300, 'train', T, r, 'segment', rng)
-        assert np.array_equal(c // (300 // T), np.arange(T)) if 300 % T == 0 else np.all(np.diff(c) > 0)
-    assert np.array_equal(data.clip_indices(40, 'pretrain', T, r, 'i3d', rng)[0], np.minimum(4 * np.arange(T), 39))
-    assert np.array_equal(data.clip_indices(40, 'train', T, r, 'i3d', rng)[0], np.minimum(4 * np.arange(T), 39))
+        assert np.array_equal(c // (300 // T), np.arange(T))
     test = data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=5)
-    assert [c[0] for c in test] == [0, 59, 119, 179, 239] and test[-1][-1] == 299
-    assert [c[0] for c in data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=1)] == [119]
-    seg = data.clip_indices(320, 'test', T, r, 'segment', test_num_segment=2)
-    assert np.array_equal(seg[0], 20 * np.arange(T) + 5) and np.array_equal(seg[1], 20 * np.arange(T) + 15)
+    assert test[-1][-1] == 296 and all(np.all(np.diff(c) == 4) for c in test)
+    assert [c[0] for c in data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=1)] == [116]  # the middle
     assert data.clip_indices(10, 'test', T, r, 'segment', test_num_segment=1)[0].max() == 9
     for mode in ('pretrain', 'train', 'test'):
         for c in data.clip_indices(5, mode, T, r, 'i3d', rng) + data.clip_indices(5, mode, T, r, 'segment', rng):
@@ -507,8 +563,9 @@ def test_crop_boxes():
 @pytest.mark.parametrize('mode,V', [('pretrain', 2), ('train', 2), ('test', 6)])
 def test_dataset_outputs(videos, mode, V):
     samples = [(videos['avi'], 3), (videos['mp4'], 1), (videos['short'], 0)]
+    augment = functools.partial(finetune.augment_clip, aa=finetune.parse_aa('rand-m7-n4-mstd0.5-inc1'), reprob=0.25)
     ds = data.VideoDataset(samples, mode, num_frames=8, sampling_rate=2, input_size=32, num_sample=2,
-                           test_num_segment=2, test_num_crop=3)
+                           augment=augment, test_num_segment=2, test_num_crop=3)
     for i in range(3):
         clips, label, index, substituted = ds[i]
         assert clips.shape == (V, 8, 32, 32, 3) and clips.dtype == torch.uint8
@@ -524,26 +581,60 @@ def test_test_mode_views_are_exact_crops(videos):
     clips = ds[0][0].numpy()
     ref = sequential(videos['avi'])
     for v, (seg, x) in enumerate([(s, x) for s in range(2) for x in (0, 8, 16)]):
-        start = [0, 150 - 10][seg]
+        start = [0, 138][seg]  # every third frame, 50 of them: clips start at 0 and 3 * (50 - 4)
         assert np.array_equal(clips[v], ref[start:start + 10:3, :, x:x + 48])  # 48x48 crop, no resize needed
 
 
 def test_augmentations():
     rng = np.random.default_rng(0)
     clip = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
-    for op in data.RAND_OPS:  # every op keeps shape and dtype and treats every frame alike
-        same = np.repeat(clip[:1], 4, 0)
-        orig = data.RAND_OPS
-        data.RAND_OPS = (op,)
-        try:
-            out = data.rand_augment(same, rng, 9, 2, 0.5)
-        finally:
-            data.RAND_OPS = orig
-        assert out.shape == same.shape and out.dtype == np.uint8
-        assert all(np.array_equal(out[0], f) for f in out), op
-    erased = data.random_erase(np.zeros((4, 32, 32, 3), np.uint8), rng)
+    same = np.repeat(clip[:1], 4, 0)
+    for op in finetune.RAND_OPS:  # every op keeps shape and dtype and treats every frame alike
+        for sign, inc in [(1, True), (-1, True), (1, False)]:
+            out = finetune.augment_op(same.copy(), op, 0.9, sign, inc)
+            assert out.shape == same.shape and out.dtype == np.uint8
+            assert all(np.array_equal(out[0], f) for f in out), op
+    out = finetune.rand_augment(same.copy(), rng, 9, 4, 0.5)
+    assert out.shape == same.shape and all(np.array_equal(out[0], f) for f in out)
+    erased = finetune.random_erase(np.zeros((4, 32, 32, 3), np.uint8), rng)
     mask = erased.any(-1)
-    assert mask.any() and all(np.array_equal(mask[0], m) for m in mask)  # one box on every frame
+    assert mask.any() and all(np.array_equal(mask[0], m) for m in mask)  # cube=True: one box on every frame
+    assert not mask.all(0).all() and not np.array_equal(erased[0], erased[1])  # smaller than the frame; own noise
+    view = np.zeros((4, 32, 32, 3), np.uint8)
+    finetune.augment_clip(view, rng, None, reprob=1.0)
+    assert view.any()
+    with pytest.raises(ValueError, match="rand-m7-n4-mstd0.5-inc1"):
+        finetune.parse_aa("rand-7")
+
+
+def test_rand_augment_is_the_references():
+    # rand_augment.py: the -inc1 list (_RAND_INCREASING_TRANSFORMS), in its order: 15 ops, Invert and SolarizeAdd in
+    assert finetune.RAND_OPS == ('autocontrast', 'equalize', 'invert', 'rotate', 'posterize', 'solarize', 'solarize_add',
+                                 'color', 'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x',
+                                 'translate_y')
+    assert finetune.parse_aa("rand-m7-n4-mstd0.5-inc1") == (7.0, 4, 0.5, True) and finetune.parse_aa("none") is None
+    assert finetune.parse_aa("rand-m9-n2") == (9.0, 2, 0.0, False)
+    x = np.arange(256)
+    ramp = np.repeat(x.astype(np.uint8).reshape(1, 16, 16, 1), 3, -1)  # every grey level once
+
+    def op(name, mag, sign=1, inc=True):
+        return finetune.augment_op(ramp.copy(), name, mag, sign, inc).reshape(256, 3)[:, 0].astype(int)
+
+    assert (op("invert", 0.7) == 255 - x).all()
+    assert (op("solarize_add", 0.7) == np.where(x < 128, np.minimum(x + 77, 255), x)).all()  # add int(110 * 0.7)
+    assert (op("solarize", 0.25) == np.where(x < 192, x, 255 - x)).all()  # -inc1: threshold 256 - int(256 * 0.25)
+    assert (op("solarize", 0.25, inc=False) == np.where(x < 64, x, 255 - x)).all()
+    assert (op("posterize", 0.25) == x & 0b11100000).all()  # -inc1: keep 4 - int(4 * 0.25) = 3 bits
+    assert (op("posterize", 0.25, inc=False) == x & 0b10000000).all()  # keep int(4 * 0.25) = 1 bit
+    assert np.abs(op("brightness", 0.25, inc=False) - x * 0.55).max() <= 1  # factor 0.1 + 1.8 * 0.25
+    assert np.abs(op("brightness", 0.25, sign=-1) - x * 0.775).max() <= 1  # -inc1: factor 1 - 0.9 * 0.25
+    # geometric ops: bicubic (a step edge shifted half a pixel overshoots; bilinear would not) and a grey border
+    step = np.zeros((1, 8, 32, 3), np.uint8)
+    step[:, :, 16:] = 200
+    shifted = finetune.augment_op(step, "translate_x", 0.5 / (0.45 * 32))  # half a pixel
+    assert shifted.max() > 200 and shifted.min() == 0
+    rotated = finetune.augment_op(np.full((1, 32, 32, 3), 7, np.uint8), "rotate", 1.0)
+    assert (rotated[0, 0, 0] == 128).all() and (rotated[0, 16, 16] == 7).all()
 
 
 def test_normalize():
@@ -562,15 +653,21 @@ def make_tree(root, classes, n=2):
             write_video(root / c / f'v_{c}_g0{k}_c01.avi', 4, (32, 24))
 
 
-def test_ucf101_layout(tmp_path):
-    classes = ['ApplyEyeMakeup', 'Basketball', 'YoYo']
-    make_tree(tmp_path / 'UCF-101', classes)
-    sd = tmp_path / 'ucfTrainTestlist'
+def make_ucf101(root, classes):
+    """UCF-101/<Class>/ videos and ucfTrainTestlist/ beside, as distributed (CRLF lines, 1-based labels); split 1."""
+    make_tree(root / 'UCF-101', classes)
+    sd = root / 'ucfTrainTestlist'
     sd.mkdir()
     (sd / 'classInd.txt').write_bytes(b''.join(f'{k + 1} {c}\r\n'.encode() for k, c in enumerate(classes)))
     (sd / 'trainlist01.txt').write_bytes(b''.join(f'{c}/v_{c}_g00_c01.avi {k + 1}\r\n'.encode()
                                                   for k, c in enumerate(classes)))
     (sd / 'testlist01.txt').write_bytes(b''.join(f'{c}/v_{c}_g01_c01.avi\r\n'.encode() for c in classes[::-1]))
+    return root / 'UCF-101', sd
+
+
+def test_ucf101_layout(tmp_path):
+    classes = ['ApplyEyeMakeup', 'Basketball', 'YoYo']
+    _, sd = make_ucf101(tmp_path, classes)
     for data_set in ('UCF101', None):
         train, names = data.load_samples(tmp_path / 'UCF-101', data_set, 1, True)
         assert names == classes and [s[1] for s in train] == [0, 1, 2]
@@ -970,6 +1067,103 @@ def test_bench_smoke_run_has_every_row(tmp_path):
                 "ours bf16 / ours fp32", "bf16 vs fp32 loss", "clips floor", "clips reference", "clips ours: VideoDataset",
                 "num_sample=2", "clips ours / reference", "clips ours / floor", "DataLoader, 1 worker", "2 workers"]:
         assert row in names, row
+
+
+def test_init_statistics_are_the_references():
+    # modeling_pretrain.py: encoder_to_decoder never sees the weight init (torch's default: uniform, std
+    # 1/sqrt(3 * fan_in)); mask_token is trunc_normal_(std=.02) with timm's absolute bounds set to -.02, .02
+    torch.manual_seed(0)
+    net = MD.VideoMAE(**{**TINY, "embed_dim": 768, "num_heads": 12, "decoder_embed_dim": 384, "decoder_num_heads": 6})
+    bridge = net.encoder_to_decoder.weight
+    assert abs(bridge.std().item() / (1 / math.sqrt(3 * 768)) - 1) < 0.02  # 0.0208 (xavier would give 0.0417)
+    assert bridge.abs().max().item() <= 1 / math.sqrt(768)
+    token = net.mask_token
+    assert token.abs().max().item() <= 0.02
+    assert abs(token.std().item() / (0.02 * 0.5396) - 1) < 0.15  # a normal cut at one std keeps 0.54 of its std
+    head = net.decoder.head.weight  # every other Linear stays xavier
+    assert abs(head.std().item() / math.sqrt(2 / (384 + 384)) - 1) < 0.02
+
+
+def test_pretraining_crops_average_when_they_shrink():
+    # The reference's pre-training resizes with PIL's bilinear filter, which averages when it shrinks;
+    # its fine-tuning (torch's interpolate) and test (OpenCV) resize bilinear, sampling.
+    frame = np.random.default_rng(0).integers(0, 256, (48, 48, 3)).astype(np.uint8)
+    out = np.empty((1, 16, 16, 3), np.uint8)
+    data._render({0: frame}, [0], (0, 0, 48, 48), 16, False, out, area=True)  # 3x smaller: 3x3 block means
+    blocks = frame.reshape(16, 3, 16, 3, 3).mean((1, 3))[..., ::-1]  # BGR in, RGB out
+    assert np.abs(out[0] - blocks).max() <= 0.5 + 1e-6
+    data._render({0: frame}, [0], (0, 0, 48, 48), 16, False, out)  # bilinear samples each block's centre pixel
+    assert np.array_equal(out[0], frame[1::3, 1::3, ::-1])
+    small = np.empty((1, 64, 64, 3), np.uint8)
+    data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small, area=True)  # enlarging: bilinear either way
+    assert np.array_equal(small, data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small.copy()))
+
+
+class StopAt(Exception):
+    """Raised by a stand-in for setup(): carries the parsed arguments out of a script's main()."""
+
+
+def parsed_args(script, argv, monkeypatch):
+    def stop(args):
+        raise StopAt(args)
+    with monkeypatch.context() as patch, pytest.raises(StopAt) as stopped:
+        patch.setattr(script, "setup", stop)
+        script.main(argv)
+    return stopped.value.args[0]
+
+
+def test_recipes_are_the_reference_scripts():
+    # scripts/<set>/videomae_vit_base_patch16_224_tubemasking_ratio_<r>_epoch_<E>/{pretrain,finetune}.sh
+    # (K400 and SSv2: the 800-epoch ones); what a script leaves out is run_*.py's default
+    k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
+                warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20,
+                no_norm_pix_loss=False)
+    ucf = {**k400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75, "save_ckpt_freq": 100}
+    assert pretrain.RECIPES == {"K400": k400, "SSv2": {**k400, "sampling_rate": 2}, "UCF101": ucf,
+                                "HMDB51": {**ucf, "epochs": 4800}}  # HMDB51: no script; the paper's epochs
+    k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
+                warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
+                drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5, test_num_crop=3)
+    ucf = {**k400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50,
+           "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
+    ssv2 = {**k400, "epochs": 50, "blr": 5e-4, "no_flip": True, "sampling": "segment", "test_num_segment": 2}
+    assert finetune.RECIPES == {"K400": k400, "SSv2": ssv2, "UCF101": ucf, "HMDB51": ucf}
+
+
+def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeypatch):
+    root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
+    for argv in (["--data_set", "UCF101"], []):  # named, or recognised by its split folder
+        args = parsed_args(pretrain, ["--data_path", str(root), *argv], monkeypatch)
+        assert args.recipe == "UCF101" and {k: vars(args)[k] for k in pretrain.RECIPES["UCF101"]} == pretrain.RECIPES["UCF101"]
+    args = parsed_args(pretrain, ["--data_path", str(root), "--recipe", "SSv2", "--batch_size", "4"], monkeypatch)
+    assert (args.data_set, args.sampling_rate, args.mask_ratio, args.batch_size) == ("UCF101", 2, 0.9, 4)
+    args = parsed_args(finetune, ["--data_path", str(root)], monkeypatch)
+    assert {k: vars(args)[k] for k in finetune.RECIPES["UCF101"]} == finetune.RECIPES["UCF101"]
+    monkeypatch.setattr(data, "make_demo_dataset", lambda path: tmp_path)  # no --data_path: the demo's own values
+    for script in (pretrain, finetune):
+        args = parsed_args(script, [], monkeypatch)
+        assert {k: vars(args)[k] for k in script.DEMO} == script.DEMO and args.min_blr == script.K400["min_blr"]
+    # The reference's UCF101 fine-tuning flags, as its script spells them, on 8 GPUs: lr 5e-4 x 16 x 8 / 256
+    monkeypatch.setattr(pretrain, "Context", lambda args: __import__("types").SimpleNamespace(world=8, print=print))
+    args = parsed_args(finetune, ["--data_path", str(root), "--data_set", "UCF101", "--batch_size", "16",
+                                  "--num_sample", "2", "--lr", "5e-4", "--min_lr", "1e-5", "--layer_decay", "0.7",
+                                  "--fc_drop_rate", "0.5", "--drop_path", "0.2", "--update_freq", "1"], monkeypatch)
+    pretrain.setup(args)
+    assert math.isclose(args.lr, 2.5e-4) and math.isclose(args.min_lr, 5e-6) and args.head_drop_rate == 0.5
+    args = parsed_args(pretrain, ["--data_path", str(root), "--update_freq", "3"], monkeypatch)
+    pretrain.setup(args)  # the UCF101 pre-training script: lr 3e-4 x 24 x 8 / 256, here x 3 accumulation steps
+    assert math.isclose(args.lr, 3e-4 * 24 * 8 * 3 / 256) and math.isclose(args.min_lr, 1e-5 * 24 * 8 * 3 / 256)
+
+
+def test_recipe_is_written_at_the_top_of_the_log(tmp_path):
+    root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
+    out = tmp_path / "run"
+    pretrain.main(["--data_path", str(root), "--data_set", "UCF101", *SMALL_RUN, "--epochs", "1",
+                   "--output_dir", str(out)])
+    config = read_log(out)[0]["config"]
+    assert config["recipe"] == "UCF101" and (config["mask_ratio"], config["blr"], config["min_blr"]) == (0.75, 3e-4, 1e-5)
+    assert config["save_ckpt_freq"] == 1 and config["warmup_epochs"] == 1  # given flags win
+    assert math.isclose(config["lr"], 3e-4 * 2 / 256) and "mask_ratio" in config["recipe_defaults"]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
