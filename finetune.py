@@ -113,7 +113,7 @@ def main(argv=None):
     net.to(ctx.device)
     test_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                  sampling=args.sampling, test_num_segment=args.test_num_segment,
-                                 test_num_crop=args.test_num_crop, seed=args.seed)
+                                 test_num_crop=args.test_num_crop, seed=args.seed, in_memory=args.in_memory and not args.knn)
     if args.knn:
         if not weights:
             parser.error("--knn scores a trained encoder: give it with --finetune PATH")
@@ -134,6 +134,7 @@ def main(argv=None):
                                   crop_scale=args.crop_scale, seed=args.seed, in_memory=args.in_memory)
     val_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                 sampling=args.sampling, test_num_segment=1, test_num_crop=1, seed=args.seed)
+    val_set.frames = test_set.frames  # the same videos: decoded once when held in memory
     optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay, args.layer_decay), lr=args.lr,
                                   betas=(0.9, 0.999), fused=True)
     run = Run(args, ctx, net, optimizer)

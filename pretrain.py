@@ -207,7 +207,7 @@ def common_parser(doc, recipes, demo):
     arg("--per_class", type=int, help="train on the first N videos of each class only (data-efficiency studies)")
     arg("--weight_decay", type=float, default=0.05)
     arg("--clip_grad", type=float, help="clip the gradient norm to this value")
-    arg("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per GPU")
+    arg("--num_workers", type=int, help="data loading processes per GPU (default: up to 8; none with --in_memory)")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
@@ -235,6 +235,8 @@ def finish_args(parser, argv, recipes, demo):
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.num_workers is None:  # clips cut from frames held in memory cost less than starting worker processes
+        args.num_workers = 0 if args.in_memory else min(8, os.cpu_count() or 1)
     if args.num_frames % models.TUBELET_SIZE:
         parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size {models.TUBELET_SIZE}")
     if args.input_size % models.PATCH_SIZE:
@@ -275,7 +277,7 @@ def setup(args):
     args.lr = args.blr * videos / 256
     args.min_lr = args.min_blr * videos / 256
     ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, min_lr {args.min_lr:.3g}"
-              f" ({args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum; recipe {args.recipe})")
+              f" ({args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum; recipe {'demo' if args.demo else args.recipe})")
     torch.manual_seed(args.seed)
     return ctx
 
