@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import data
 import model as models
 from pretrain import (Run, all_sum, atomic_write, autocast, common_parser, finish_args, make_loader, param_groups,
-                      setup, start_epoch, train_epoch, training_subset, wrap)
+                      resume_path, setup, start_epoch, train_epoch, training_subset, wrap)
 
 # Reference UCF101 recipe (blr 5e-4, layer decay 0.7, drop path 0.2, 100 epochs, 5 clips x 3 crops at test).
 PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
@@ -67,12 +67,13 @@ def main(argv=None):
     labels = [label for _, label in train_samples + test_samples]
     if min(labels) < 0 or max(labels) >= args.nb_classes:
         parser.error(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; --nb_classes {args.nb_classes} does not fit")
-    weights = args.finetune or (args.resume if args.eval else None)
-    if weights is None and args.demo and os.path.exists(DEMO_PRETRAINED):
+    resuming = None if args.eval else resume_path(args)  # a training run's checkpoint: its weights replace any others
+    weights = None if resuming else args.finetune or (args.resume if args.eval else None)
+    if weights is None and args.demo and not resuming and os.path.exists(DEMO_PRETRAINED):
         weights = DEMO_PRETRAINED
     weights = None if weights == "none" else weights
-    if weights:  # this project's checkpoints say what they hold
-        saved = models.read_file(weights).get("config") or {}
+    if resuming or weights:  # this project's checkpoints say what they hold
+        saved = models.read_file(resuming or weights).get("config") or {}
         inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
         if inherited:
             vars(args).update(inherited)
@@ -84,7 +85,7 @@ def main(argv=None):
     if weights:
         ctx.print(f"initial weights: {weights}")
         models.load_checkpoint(net, weights, verbose=ctx.main)
-    else:
+    elif not resuming:
         ctx.print("no --finetune checkpoint: training from scratch")
     net.to(ctx.device)
     test_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
@@ -102,8 +103,8 @@ def main(argv=None):
                                 sampling=args.sampling, test_num_segment=1, test_num_crop=1, seed=args.seed)
     optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay, args.layer_decay), lr=args.lr,
                                   betas=(0.9, 0.999), fused=True)
-    run = Run(args, ctx, net, optimizer)
     loader, sampler = make_loader(train_set, args, ctx, train=True)
+    run = Run(args, ctx, net, optimizer, train_set)
     model = wrap(net, args, ctx)
     for epoch in range(run.start_epoch, args.epochs):
         gen = start_epoch(epoch, sampler, args, ctx)
@@ -169,30 +170,38 @@ def merge_views(indices, probs, num_videos):
 
 
 def predict_and_score(net, dataset, args, ctx, want_probs=False):
-    """Every view of every video through the model, softmax averaged per video, across all processes."""
+    """Every view of every video through the model, softmax averaged per video, across all processes. A video
+    that cannot be read is not scored (its item holds another video's views): counted as unreadable, named."""
     net.eval()
     loader, _ = make_loader(dataset, args, ctx, train=False)
-    idx, out, substituted = [], [], 0
+    idx, out, unreadable = [], [], torch.zeros(len(dataset))
     with torch.no_grad():
-        for video, _, index, subst in loader:
+        for video, _, index, substituted, _ in loader:
             B, V = video.shape[:2]
             with autocast(args, ctx):
                 logits = net(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
             out.append(logits.float().softmax(-1).view(B, V, -1).cpu())
             idx.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
-            substituted += int(subst.sum())
+            unreadable[index[substituted > 0]] = 1
     net.train()
     idx, out = gather(torch.cat(idx).flatten(0, 1), ctx), gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, 2), (rows, C)
     probs, seen = merge_views(idx, out, len(dataset))
+    unreadable = torch.tensor(all_sum(unreadable.tolist(), ctx)) > 0  # (num_videos,) of every process
     labels = torch.tensor([label for _, label in dataset.samples])
+    scores = score(probs, labels, seen & ~unreadable)
+    scores.update(views=V, unreadable=int(unreadable.sum()),
+                  unreadable_files=[dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()])
+    return (scores, probs.argmax(1), labels) if want_probs else scores
+
+
+def score(probs, labels, scored):
+    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True."""
     pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
-    correct, labels_seen = (pred == labels)[seen], labels[seen]
+    correct, labels_seen = (pred == labels)[scored], labels[scored]
+    in_top5 = (top5 == labels[:, None]).any(1)[scored]
     per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
-    scores = {"top1": correct.float().mean().item(),
-              "top5": (top5 == labels[:, None]).any(1)[seen].float().mean().item(),
-              "mean_class_acc": float(np.mean(per_class)), "num_videos": int(seen.sum()), "views": V,
-              "substituted": int(all_sum([substituted], ctx)[0])}
-    return (scores, pred, labels) if want_probs else scores
+    return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
+            "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
 def gather(t, ctx):
@@ -207,11 +216,20 @@ def gather(t, ctx):
 def evaluate(net, dataset, args, ctx, run, classes):
     scores, pred, labels = predict_and_score(net, dataset, args, ctx, want_probs=True)
     ctx.print(f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
-              f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}")
+              f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}"
+              + (f"; {scores['unreadable']} unreadable, not scored: {', '.join(scores['unreadable_files'])}"
+                 if scores["unreadable"] else ""))
     run.log({"test": scores})
+    name = "confusion.png"
+    if run.optimizer is None:  # an evaluation never replaces the training run's picture, nor an earlier evaluation's
+        k = 1
+        while os.path.exists(os.path.join(args.output_dir, f"confusion-eval{k}.png")):
+            k += 1
+        name = f"confusion-eval{k}.png"
+    path = os.path.join(args.output_dir, name)
     if ctx.main:
-        confusion_png(pred, labels, len(classes) if classes else args.nb_classes,
-                      os.path.join(args.output_dir, "confusion.png"))
+        confusion_png(pred, labels, len(classes) if classes else args.nb_classes, path)
+        ctx.print(f"confusion matrix: {path}")
     return scores
 
 
