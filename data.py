@@ -2,7 +2,7 @@
 (github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), dataset lists, a demo set. Clips leave the workers
 as uint8 (V, T, H, W, 3) RGB, a quarter of float's bytes; `normalize` makes ImageNet-normalised float (B, 3, T, H, W)
 on the training device."""
-import argparse, json, math, os, re, shutil, sys, uuid, warnings
+import argparse, json, math, os, re, shutil, sys, uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,10 +17,15 @@ VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
 SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
 SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
 _SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
+_TRUNCATED = {}  # file -> frames that decode, for files whose stream ended before the container's count
 
 # Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each FFmpeg decoder (_open)
 # run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and oversubscribe the CPU.
 cv2.setNumThreads(1)
+# A broken file is reported once, by name, by the code that reads it; FFmpeg's and OpenCV's own lines about it
+# ("moov atom not found", "can't be used to capture by name") would repeat it in every worker and epoch.
+os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET; read when OpenCV first opens a file
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class VideoReadError(RuntimeError):
@@ -67,6 +72,7 @@ def _decode(cap, path, wanted, seek=True):
     # The stream ended at `pos`, before the container's count: repeat its last frame, pos - 1.
     if pos == 0:
         raise VideoReadError(f"{path}: no frame decodes; re-encode or remove it")
+    _TRUNCATED[path] = pos
     if pos - 1 not in frames:
         frames.update(_decode(_open(path)[0], path, [pos - 1]))
     return {i: frames[min(i, pos - 1)] for i in wanted}
@@ -172,11 +178,13 @@ def _render(frames, indices, box, size, flip, out, area=False):
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted): V = num_sample crops of one decoded clip
-    (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in 'test' mode.
+    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample crops of one decoded
+    clip (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in 'test' mode.
     In 'train' mode augment(view, rng), if given, alters each crop in place (finetune.py: RandAugment, erasing).
-    An unreadable video is replaced by the next sample (whose label is returned) and counted in
-    `substituted`; over max_bad_fraction (and at least 3) unreadable files raise."""
+    An unreadable video is replaced by the next sample (whose label is returned): `substituted` counts the samples
+    skipped from `index` on, all unreadable; `truncated` is the number of frames that decode when the clip came
+    from a file holding fewer than its container claims, else 0. The items carry the news; nothing is printed here:
+    the training loop names each file once per run and stops past max_bad_fraction (pretrain.py: BadVideos)."""
 
     def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
                  sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
@@ -189,7 +197,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
         self.flip = mode == 'train' if flip is None else flip
         self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
-        self.bad = set()  # files proven unreadable in this process (each DataLoader worker has its own)
+        self.bad = set()  # files known to be unreadable: skipped without a try (workers inherit it each epoch)
         self.frames = {}  # path -> every decoded BGR frame (n, H, W, 3), with in_memory: small sets decode once
         if in_memory:
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
@@ -205,17 +213,15 @@ class VideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         for substituted in range(len(self)):
             j = (i + substituted) % len(self)
-            if self.samples[j][0] in self.bad:
+            path = self.samples[j][0]
+            if path in self.bad:
                 continue
             try:
-                return torch.from_numpy(self._load(j)), self.samples[j][1], i, substituted
-            except VideoReadError as e:
-                self.bad.add(self.samples[j][0])
-                warnings.warn(f"{e}; using sample {(j + 1) % len(self)} instead", stacklevel=2)
-                if len(self.bad) > max(self.max_bad_fraction * len(self), 2):
-                    raise RuntimeError(f"{len(self.bad)} of {len(self)} videos unreadable, over max_bad_fraction="
-                                       f"{self.max_bad_fraction}; run `python data.py --check DATA_PATH`") from e
-        raise RuntimeError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
+                clips = torch.from_numpy(self._load(j))
+                return clips, self.samples[j][1], i, substituted, _TRUNCATED.get(path, 0)
+            except VideoReadError:
+                self.bad.add(path)
+        raise VideoReadError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
 
     def _load(self, j):
         path = self.samples[j][0]
@@ -379,18 +385,20 @@ def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_
 
 
 def _probe(path, min_frames):
-    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims, a
-    seek landing elsewhere than a sequential decode (middle frame read both ways), or too short."""
+    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims, a seek that
+    misses its frame (the middle one, read both ways: a different picture, or a landing that _decode caught and
+    replaced by decoding from frame 0, slow for every clip), or too short."""
     try:
         cap, n = _open(path)
         count = sum(1 for _ in iter(cap.grab, False))  # the frames that decode
         ref, sought = (_decode(_open(path)[0], path, [n // 2], seek)[n // 2] for seek in (False, True))
     except VideoReadError as e:
         return f'UNREADABLE {e}'
-    if not np.array_equal(sought, ref):
-        return f'SEEK       {path}: seeking misses frames; re-encode it at a constant frame rate'
-    if count < n:
+    if count < n:  # (a seek past the real end misses too: this says why)
         return f'TRUNCATED  {path}: the container claims {n} frames, {count} decode; the last one repeats'
+    if str(path) in _SEEK_UNSAFE or not np.array_equal(sought, ref):
+        return (f'SEEK       {path}: seeking misses frames, so its clips decode from frame 0 (slow); '
+                f're-encode it at a constant frame rate')
     return f'SHORT      {path}: {count} frames < {min_frames}; frames repeat' if count < min_frames else ''
 
 

@@ -14,13 +14,12 @@ import re
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
 import model as models
 from pretrain import (Run, atomic_write, common_parser, finish_args, knn_probe, make_loader, param_groups, per_video,
-                      setup, start_epoch, train_epoch, training_subset, wrap)
+                      resume_path, setup, start_epoch, train_epoch, training_subset, wrap)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/finetune.sh,
 # ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in pretrain.py.
@@ -91,12 +90,13 @@ def main(argv=None):
     labels = [label for _, label in train_samples + test_samples]
     if min(labels) < 0 or max(labels) >= args.nb_classes:
         parser.error(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; --nb_classes {args.nb_classes} does not fit")
-    weights = args.finetune or (args.resume if args.eval else None)
-    if weights is None and args.demo and os.path.exists(DEMO_PRETRAINED):
+    resuming = None if args.eval else resume_path(args)  # a training run's checkpoint: its weights replace any others
+    weights = None if resuming else args.finetune or (args.resume if args.eval else None)
+    if weights is None and args.demo and not resuming and os.path.exists(DEMO_PRETRAINED):
         weights = DEMO_PRETRAINED
     weights = None if weights == "none" else weights
-    if weights:  # this project's checkpoints say what they hold
-        saved = models.read_file(weights).get("config") or {}
+    if resuming or weights:  # this project's checkpoints say what they hold
+        saved = models.read_file(resuming or weights).get("config") or {}
         inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
         if inherited:
             vars(args).update(inherited)
@@ -108,7 +108,7 @@ def main(argv=None):
     if weights:
         ctx.print(f"initial weights: {weights}")
         models.load_checkpoint(net, weights, verbose=ctx.main)
-    else:
+    elif not resuming:
         ctx.print("no --finetune checkpoint: training from scratch")
     net.to(ctx.device)
     test_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
@@ -137,8 +137,8 @@ def main(argv=None):
     val_set.frames = test_set.frames  # the same videos: decoded once when held in memory
     optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay, args.layer_decay), lr=args.lr,
                                   betas=(0.9, 0.999), fused=True)
-    run = Run(args, ctx, net, optimizer)
     loader, sampler = make_loader(train_set, args, ctx, train=True)
+    run = Run(args, ctx, net, optimizer, train_set)
     model = wrap(net, args, ctx)
     for epoch in range(run.start_epoch, args.epochs):
         gen = start_epoch(epoch, sampler, args, ctx)
@@ -284,29 +284,45 @@ def soft_cross_entropy(logits, target):
 # ----------------------------------------------------------------------------- multi-view testing
 
 def predict_and_score(net, dataset, args, ctx, want_probs=False):
-    """Every view of every video through the model, softmax averaged per video, across all processes."""
+    """Every view of every video through the model, softmax averaged per video, across all processes. A video
+    that cannot be read is not scored (its item holds another video's views): counted as unreadable, named."""
     net.eval()
-    probs, seen, substituted = per_video(lambda clips: net(clips).float().softmax(-1), dataset, args, ctx)
+    probs, seen, unreadable = per_video(lambda clips: net(clips).float().softmax(-1), dataset, args, ctx)
     net.train()
     labels = torch.tensor([label for _, label in dataset.samples])
+    scores = score(probs, labels, seen & ~unreadable)
+    scores.update(views=dataset.segments * dataset.crops, unreadable=int(unreadable.sum()),
+                  unreadable_files=[dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()])
+    return (scores, probs.argmax(1), labels) if want_probs else scores
+
+
+def score(probs, labels, scored):
+    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True."""
     pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
-    correct, labels_seen = (pred == labels)[seen], labels[seen]
+    correct, labels_seen = (pred == labels)[scored], labels[scored]
+    in_top5 = (top5 == labels[:, None]).any(1)[scored]
     per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
-    scores = {"top1": correct.float().mean().item(),
-              "top5": (top5 == labels[:, None]).any(1)[seen].float().mean().item(),
-              "mean_class_acc": float(np.mean(per_class)), "num_videos": int(seen.sum()),
-              "views": dataset.segments * dataset.crops, "substituted": substituted}
-    return (scores, pred, labels) if want_probs else scores
+    return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
+            "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
 def evaluate(net, dataset, args, ctx, run, classes):
     scores, pred, labels = predict_and_score(net, dataset, args, ctx, want_probs=True)
     ctx.print(f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
-              f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}")
+              f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}"
+              + (f"; {scores['unreadable']} unreadable, not scored: {', '.join(scores['unreadable_files'])}"
+                 if scores["unreadable"] else ""))
     run.log({"test": scores})
+    name = "confusion.png"
+    if run.optimizer is None:  # an evaluation never replaces the training run's picture, nor an earlier evaluation's
+        k = 1
+        while os.path.exists(os.path.join(args.output_dir, f"confusion-eval{k}.png")):
+            k += 1
+        name = f"confusion-eval{k}.png"
+    path = os.path.join(args.output_dir, name)
     if ctx.main:
-        confusion_png(pred, labels, len(classes) if classes else args.nb_classes,
-                      os.path.join(args.output_dir, "confusion.png"))
+        confusion_png(pred, labels, len(classes) if classes else args.nb_classes, path)
+        ctx.print(f"confusion matrix: {path}")
     return scores
 
 

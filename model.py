@@ -274,6 +274,9 @@ class VideoMAE(nn.Module):
         rebuild = mask if decode_mask is None else ~decode_mask  # tokens the decoder is asked for
         with torch.no_grad():  # the target first, while little memory is in use
             target = reconstruction_target(select(patches, rebuild).float(), self.norm_pix_loss, enc.in_chans)
+        if target.shape[1] == 0:  # (the decoder's last block would read queries=0 as "every token")
+            raise ValueError("the masks leave no token to rebuild (none hidden, or none asked of the decoder); "
+                             "raise the mask ratio")
         x = self.encoder_to_decoder(enc(patches, mask))  # (B, N_vis, D_dec)
         del patches  # not needed by the decoder: free it before the decoder's activations pile up
         pos = enc.positions(N, self.decoder_pos_embed).expand(B, -1, -1)

@@ -67,6 +67,14 @@ def main(argv=None):
     for name in ("mask_ratio", "decoder_mask_ratio"):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must lie strictly between 0 and 1")
+    side = args.input_size // models.PATCH_SIZE
+    grid = (args.num_frames // models.TUBELET_SIZE, side, side)  # (t, h, w) tokens of a clip
+    hidden = masks.MASKS[args.mask_type](1, grid, args.mask_ratio)  # what every clip's mask hides: counts are fixed
+    if not hidden.any():
+        parser.error(f"--mask_ratio {args.mask_ratio} hides no token of the {grid[0]}x{grid[1]}x{grid[2]} grid "
+                     f"(--mask_type {args.mask_type}): nothing to rebuild; raise it or the --input_size")
+    if args.decoder_mask_type == "run_cell" and side % 2:
+        parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size {args.input_size} gives {side}x{side}")
     ctx = setup(args)
 
     samples = training_subset(data.load_samples(args.data_path, args.data_set, args.split, train=True)[0], args)
@@ -75,12 +83,9 @@ def main(argv=None):
     net = models.build_model("pretrain", args.model, img_size=args.input_size, num_frames=args.num_frames,
                              norm_pix_loss=not args.no_norm_pix_loss).to(ctx.device)
     net.encoder.grad_checkpointing = args.grad_ckpt
-    grid = net.encoder.grid
-    if args.decoder_mask_type == "run_cell" and (grid[1] % 2 or grid[2] % 2):
-        parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size {args.input_size} gives {grid[1]}x{grid[2]}")
     optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=tuple(args.opt_betas), fused=True)
-    run = Run(args, ctx, net, optimizer)
     loader, sampler = make_loader(dataset, args, ctx, train=True)
+    run = Run(args, ctx, net, optimizer, dataset)
     model = wrap(net, args, ctx)
     demo_clip = dataset[0][0][:1]  # one fixed clip for the reconstruction pictures
     held_out = held_out_samples(samples, args)
@@ -88,20 +93,24 @@ def main(argv=None):
                                              args.sampling_rate, args.input_size, test_num_segment=1, test_num_crop=1)
     labelled = held_out and min(label for _, label in samples + held_out) >= 0
     steps_per_epoch = len(loader) // args.accum_iter
-    ctx.print(f"{len(dataset)} videos, {steps_per_epoch} steps/epoch, {net.encoder.grid} tokens per clip, "
-              f"{int(net.encoder.pos_embed.shape[1] * (1 - args.mask_ratio))} visible")
+    ctx.print(f"{len(dataset)} videos, {steps_per_epoch} steps/epoch, {grid} tokens per clip, "
+              f"{int((~hidden).sum())} visible")
 
     for epoch in range(run.start_epoch, args.epochs):
         gen = start_epoch(epoch, sampler, args, ctx)  # draws the masks, on the device
+        rebuilt = {}
 
         def step(clips, labels):
             B = clips.shape[0]
             m = masks.MASKS[args.mask_type](B, grid, args.mask_ratio, generator=gen, device=ctx.device)
             d = None if args.decoder_mask_type == "none" else masks.running_cell_mask(
                 B, grid, args.decoder_mask_ratio, generator=gen, device=ctx.device)
-            return model(clips, m, d)[0]
+            loss, pred = model(clips, m, d)
+            rebuilt["rebuilt_per_clip"] = pred.shape[1]  # tokens the decoder rebuilt, per clip
+            return loss
 
         stats = train_epoch(model, loader, optimizer, run, epoch, step, args, ctx)
+        stats = {**train_epoch(model, loader, optimizer, run, epoch, step, args, ctx), **rebuilt}
         if run.numbered(epoch) and val_set:  # held-out figures beside each numbered checkpoint
             stats.update(reconstruction_scores(net, val_set, args, ctx))
             if labelled:
@@ -336,6 +345,10 @@ def make_loader(dataset, args, ctx, train):
     loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
                         pin_memory=ctx.device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if args.num_workers else None)
+    if train and len(loader) < args.accum_iter:  # drop_last: not one whole step; the loop would run none
+        fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x {ctx.world} processes x "
+             f"{args.accum_iter} accum_iter = {args.batch_size * ctx.world * args.accum_iter}; lower --batch_size "
+             f"or --accum_iter, or add videos", ctx)
     return loader, sampler
 
 
@@ -359,18 +372,25 @@ def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
     n_steps = len(loader) // args.accum_iter
     loss_sum, clips, subst, wait, t0 = torch.zeros((), device=ctx.device), 0, 0, 0.0, time.perf_counter()
     bar = tqdm(total=n_steps, desc=f"epoch {epoch}", disable=not ctx.main, dynamic_ncols=True)
-    batches, it = iter(loader), 0
+    loader.dataset.bad |= run.bad_videos.unreadable  # this epoch's workers skip the files known to be broken
+    batches = iter(loader)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     for it in range(n_steps * args.accum_iter):
         tw = time.perf_counter()
-        video, labels, _, substituted = next(batches)
+        try:
+            video, labels, index, substituted, truncated = next(batches)
+        except data.VideoReadError:  # every video failed (the first failures came with their names)
+            fail(f"stopping: none of the {len(loader.dataset)} videos of {args.data_path} can be read; run "
+                 f"`python data.py --check {args.data_path}`", ctx, bar)
         wait += time.perf_counter() - tw
+        run.bad_videos.add(index, substituted, truncated)
         video = data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1))  # (B*num_sample, 3, T, H, W)
         labels = labels.to(ctx.device).repeat_interleave(args.num_sample)
-        lr = lr_at(epoch + it / (n_steps * args.accum_iter), args)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+        if it % args.accum_iter == 0:  # one lr per optimizer step, set at its first batch: as with a bigger batch
+            lr = lr_at(epoch + it // args.accum_iter / n_steps, args)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
         sync = (it + 1) % args.accum_iter == 0
         with (contextlib.nullcontext() if sync or ctx.world == 1 else model.no_sync()), autocast(args, ctx):
             loss = step(video, labels)
@@ -385,7 +405,9 @@ def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
         loss_sum += loss.detach()
         clips, subst = clips + video.shape[0], subst + int(substituted.sum())
         if it % 10 == 0 or it == n_steps * args.accum_iter - 1:
-            check_finite(loss_sum, epoch, it, run, ctx)
+            check_finite(loss_sum, epoch, it, run, ctx, bar)
+            if run.bad_videos.sync():
+                fail(run.bad_videos.too_many(args, run.latest), ctx, bar)
             bar.set_postfix(loss=f"{loss_sum.item() / (it + 1):.4f}", lr=f"{lr:.2e}",
                             clips_s=f"{clips * ctx.world / (time.perf_counter() - t0):.1f}")
         bar.update(sync)
@@ -395,26 +417,27 @@ def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
     peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     return {"epoch": epoch, "loss": total_loss / total_steps, "lr": lr, "clips_per_s": total_clips / elapsed,
-            "data_wait": wait / elapsed, "peak_mem_mb": round(peak), "substituted": int(total_subst),
-            "epoch_s": elapsed}
+            "clips_per_step": total_clips * args.accum_iter / total_steps, "data_wait": wait / elapsed,
+            "peak_mem_mb": round(peak), "substituted": int(total_subst), "epoch_s": elapsed}
 
 
 def per_video(fn, dataset, args, ctx):
     """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset, across all
-    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, the substitutions."""
+    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, and the videos that
+    could not be read (their items hold another video's views)."""
     loader, _ = make_loader(dataset, args, ctx, train=False)
-    idx, out, substituted = [], [], 0
+    idx, out, unreadable = [], [], torch.zeros(len(dataset))
     with torch.no_grad():
-        for video, _, index, subst in loader:
+        for video, _, index, substituted, _ in loader:
             B, V = video.shape[:2]
             with autocast(args, ctx):
                 values = fn(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
             out.append(values.float().view(B, V, -1).cpu())
             idx.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
-            substituted += int(subst.sum())
+            unreadable[index[substituted > 0]] = 1
     idx, out = gather(torch.cat(idx).flatten(0, 1), ctx), gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, 2), (rows, K)
     merged, seen = merge_views(idx, out, len(dataset))
-    return merged, seen, int(all_sum([substituted], ctx)[0])
+    return merged, seen, torch.tensor(all_sum(unreadable.tolist(), ctx)) > 0
 
 
 def merge_views(indices, probs, num_videos):
@@ -459,9 +482,9 @@ def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20):
     for samples in (train_samples, test_samples):
         dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                     test_num_segment=1, test_num_crop=1)
-        values, seen, _ = per_video(encoder.features, dataset, args, ctx)
+        values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
         labels = torch.tensor([label for _, label in samples])
-        features.append((values[seen], labels[seen]))
+        features.append((values[seen & ~unreadable], labels[seen & ~unreadable]))
     encoder.train()
     (train_x, train_y), (test_x, test_y) = features
     votes = knn_classify(train_x, train_y, test_x, int(max(train_y.max(), test_y.max())) + 1, k)
@@ -470,12 +493,65 @@ def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20):
             "k": min(k, len(train_y)), "num_videos": len(test_y)}
 
 
-def check_finite(loss_sum, epoch, it, run, ctx):
+def check_finite(loss_sum, epoch, it, run, ctx, bar):
     if all_sum([float(not torch.isfinite(loss_sum))], ctx)[0] > 0:  # every process stops together
-        ctx.print(f"loss is not finite at epoch {epoch} step {it}: stopping. The last good checkpoint is "
-                  f"{run.latest}; lower --lr or --blr, or use --dtype bf16 instead of fp16, then rerun to resume.")
-        run.close()
-        sys.exit(1)
+        fail(f"loss is not finite at epoch {epoch} step {it}: stopping. The last good checkpoint is "
+             f"{run.latest}; lower --lr or --blr, or use --dtype bf16 instead of fp16, then rerun to resume.", ctx, bar)
+
+
+def fail(message, ctx, bar=None):
+    """Stop the run: progress bar closed, `message` as rank 0's last line, exit status 1 on every process, no
+    traceback; the checkpoints stay as they are."""
+    if bar is not None:
+        bar.close()
+    ctx.print(message)
+    leave_process_group(ctx)
+    sys.exit(1)
+
+
+def leave_process_group(ctx):
+    if ctx.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class BadVideos:
+    """The run's record of damaged training videos, from what the items report. Workers restart every epoch and
+    each loads only its share, so the record lives here, synchronised across processes: each file is named once
+    per run, and the unreadable ones of all workers and processes count against the dataset's max_bad_fraction."""
+
+    def __init__(self, dataset, ctx):
+        self.samples, self.ctx = dataset.samples, ctx
+        self.limit = max(dataset.max_bad_fraction * len(dataset), 2)
+        self.unreadable, self.truncated, self.news = set(), set(), []  # news: (sample, frames that decode or 0)
+
+    def add(self, index, substituted, truncated):
+        """A batch's items: item i skipped `substituted` unreadable samples, then read i + substituted."""
+        for i, skipped, frames in zip(index.tolist(), substituted.tolist(), truncated.tolist()):
+            self.news += [(i + k, 0) for k in range(skipped)] + ([(i + skipped, frames)] if frames else [])
+
+    def sync(self):
+        """Gather every process's news; name each new file (above the progress bar). True when over the limit."""
+        mine, self.news = self.news, []
+        news = [mine]
+        if self.ctx.world > 1:
+            news = [None] * self.ctx.world
+            dist.all_gather_object(news, mine)
+        for j, frames in (item for part in news for item in part):
+            path = self.samples[j % len(self.samples)][0]
+            known = self.truncated if frames else self.unreadable
+            if path not in known and self.ctx.main:
+                tqdm.write(f"truncated video, only its first {frames} frames decode (the last one repeats): {path}"
+                           if frames else f"unreadable video, another sample used in its place: {path}")
+            known.add(path)
+        return len(self.unreadable) > self.limit
+
+    def too_many(self, args, checkpoint):
+        names = sorted(self.unreadable)
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        check = f"python data.py --check {args.data_path}" + (f" --data_set {args.data_set}" if args.data_set else "")
+        return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, more than the "
+                f"{self.limit:g} tolerated: {listed}; run `{check}` and remove or re-encode them; the last good "
+                f"checkpoint is {checkpoint if os.path.exists(checkpoint) else 'none (no epoch finished)'}")
 
 
 def atomic_write(path, write, suffix=""):
@@ -485,18 +561,31 @@ def atomic_write(path, write, suffix=""):
     os.replace(tmp, path)
 
 
-class Run:
-    """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one."""
+def resume_path(args):
+    """--resume, else the newest checkpoint in --output_dir; None for a fresh run."""
+    latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
+    return args.resume or (latest if os.path.exists(latest) else None)
 
-    def __init__(self, args, ctx, net, optimizer):
+
+class Run:
+    """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one. Without an optimizer,
+    an evaluation: it appends its lines to the log and leaves every earlier file alone."""
+
+    def __init__(self, args, ctx, net, optimizer, train_set=None):
         self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
         self.log_path = os.path.join(args.output_dir, "log.jsonl")
         self.latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
+        self.bad_videos = None if train_set is None else BadVideos(train_set, ctx)
         self.start_epoch = 0
-        resume = args.resume or (self.latest if os.path.exists(self.latest) else None)
+        config = {"config": {k: v for k, v in vars(args).items()}, "world_size": ctx.world}
         if optimizer is None:  # evaluation only: weights were loaded by the caller
-            resume = None
+            if ctx.main:
+                os.makedirs(args.output_dir, exist_ok=True)
+                ctx.print(f"evaluation: its lines are appended to {self.log_path}")
+            self.log({**config, "evaluation": True})
+            return
+        resume = resume_path(args)
         if resume:
             ckpt = models.read_file(resume)
             net.load_state_dict(ckpt["model"])
@@ -509,11 +598,11 @@ class Run:
             for name in os.listdir(args.output_dir):  # half-written files of a killed run
                 if ".tmp" in name:
                     os.remove(os.path.join(args.output_dir, name))
-            # a killed run may have logged epochs that its checkpoint does not hold: they are run again
+            # an epoch is logged before its checkpoint is written: a killed run may have logged epochs that its
+            # checkpoint does not hold (or half a line). They are run, and logged, again.
             old = [line for line in open(self.log_path)] if resume and os.path.exists(self.log_path) else []
-            keep = [line for line in old if json.loads(line).get("epoch", -1) < self.start_epoch]
-            config = {"config": {k: v for k, v in vars(args).items()}, "world_size": ctx.world,
-                      "resumed_at_epoch": self.start_epoch if resume else None}
+            keep = [line for line in old if logged_epoch(line) < self.start_epoch]
+            config["resumed_at_epoch"] = self.start_epoch if resume else None
             atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(keep) + json.dumps(config) + "\n"))
 
     def log(self, record):
@@ -522,8 +611,10 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def end_epoch(self, epoch, stats, picture=None):
-        """Checkpoint (latest every epoch, numbered every save_ckpt_freq and at the end), then log."""
+        """Log, then checkpoint (latest every epoch, numbered every save_ckpt_freq and at the end): whenever the
+        run is killed, the log holds every epoch of the newest checkpoint, and a resume drops the lines past it."""
         args, ctx = self.args, self.ctx
+        self.log(stats)
         if ctx.main:
             ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(args)}
@@ -532,7 +623,6 @@ class Run:
                 atomic_write(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"), lambda tmp: torch.save(ckpt, tmp))
                 if picture:
                     picture(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"))
-        self.log(stats)
         ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 
     def numbered(self, epoch):
@@ -540,8 +630,15 @@ class Run:
         return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def close(self):
-        if self.ctx.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(self.ctx)
+
+
+def logged_epoch(line):
+    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is dropped."""
+    try:
+        return json.loads(line).get("epoch", -1)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 if __name__ == "__main__":

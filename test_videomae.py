@@ -192,6 +192,53 @@ def test_sizes_positions_and_errors():
     assert math.isclose(table[5, j].item(), math.cos(5 / 10000 ** (2 * (j // 2) / 6)), abs_tol=1e-6)
 
 
+def test_constructor_and_mask_errors():
+    with pytest.raises(ValueError, match="embed_dim 50 is not a multiple of num_heads 3"):
+        MD.VideoMAE(**{**TINY, "embed_dim": 50})
+    with pytest.raises(ValueError, match="decoder_embed_dim 24 is not a multiple of decoder_num_heads 5"):
+        MD.VideoMAE(**{**TINY, "decoder_num_heads": 5})
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 31\) does not fit 2 clips of 32 tokens"):
+        tiny_mae()(torch.randn(2, 3, 4, 32, 32), torch.ones(2, 31, dtype=torch.bool))
+
+
+def test_patch_embedding_of_patchified_rows_is_the_conv3d_on_the_clip():
+    torch.manual_seed(0)
+    embed = MD.PatchEmbed(3, 48, 2, 8)
+    video = torch.randn(2, 3, 4, 32, 32)
+    conv = embed.proj(video).flatten(2).transpose(1, 2)  # (B, D, t, h, w) -> (B, t*h*w, D), token order t, h, w
+    torch.testing.assert_close(embed(MD.patchify(video, 2, 8)), conv, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_output_ignores_hidden_pixels():
+    enc = randomised(tiny_mae()).encoder
+    patches = MD.patchify(torch.randn(2, 3, 4, 32, 32), 2, 8)
+    m = M.tube_mask(2, GRID, 0.75, generator=torch.Generator().manual_seed(0))
+    changed = patches.clone()
+    changed[m] = torch.randn_like(changed[m])  # new pixels in every hidden tubelet
+    with torch.no_grad():
+        assert enc(patches, m).shape == (2, 8, 48)
+        torch.testing.assert_close(enc(patches, m), enc(changed, m), rtol=0, atol=0)
+        assert not torch.allclose(enc(patches), enc(changed))  # the same change, seen without the mask
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    torch.manual_seed(0)
+    x = torch.ones(2000, 3, 4)
+    dropped = MD.drop_path(x, 0.3, training=True)
+    per_sample = dropped.flatten(1)
+    kept = (per_sample == 1 / 0.7).all(1)
+    assert ((per_sample == 0).all(1) | kept).all()  # a whole sample's branch, never part of it
+    assert abs(kept.float().mean().item() - 0.7) < 0.04
+    assert torch.equal(MD.drop_path(x, 0.3, training=False), x)
+    vit = tiny_vit(drop_path_rate=0.2, depth=3)
+    assert [b.drop_path for b in vit.blocks] == pytest.approx([0.0, 0.1, 0.2])  # rising over depth
+    video = torch.randn(8, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(vit(video), vit(video))  # training: each call drops other samples' branches
+        vit.eval()
+        assert torch.equal(vit(video), vit(video))
+
+
 def test_flops_count_matches_a_hand_count():
     net = tiny_mae()
     enc = 2 * (2 * 8 * 48 * 48 * (3 + 1 + 8) + 4 * 8 * 8 * 48) + 2 * 8 * 384 * 48
@@ -301,6 +348,20 @@ def test_finetuned_checkpoints_round_trip(fmt, tmp_path):
     assert sorted(missing) == ["head.bias", "head.weight"]
 
 
+@pytest.mark.parametrize("wrapping", ["state_dict", "module.", "_orig_mod.", "module._orig_mod."])
+def test_checkpoint_wrappings_and_prefixes(wrapping, tmp_path):
+    src = randomised(tiny_vit())
+    sd = src.state_dict()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": sd, "epoch": 2} if wrapping == "state_dict" else  # other trainers; DDP; torch.compile
+               {"model": {wrapping + k: v for k, v in sd.items()}}, path)
+    dst = tiny_vit()
+    assert MD.load_checkpoint(dst, path) == ([], [])
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(src(video), dst(video))
+
+
 def test_wrong_checkpoints_give_clear_errors(tmp_path):
     path = tmp_path / "small.pth"
     torch.save({"model": MD.VideoMAE(**{**TINY, "embed_dim": 96}).state_dict()}, path)
@@ -368,6 +429,23 @@ def test_merge_views_averages_each_video_once():
     merged, seen = merge_views(idx, probs, 4)
     torch.testing.assert_close(merged[:3].float(), torch.tensor([[.5, .5], [1., 0], [0, 1.]]))
     assert seen.tolist() == [True, True, True, False]
+
+
+def test_scores_top1_top5_and_mean_class_accuracy():
+    from finetune import score
+    # 5 videos, 7 classes; each row lists the classes from the highest score down
+    order = [[0, 1, 2, 3, 4, 5, 6],  # label 0 first: top-1
+             [4, 5, 1, 0, 2, 3, 6],  # label 1 third: top-5 only
+             [0, 1, 3, 4, 5, 2, 6],  # label 2 sixth: neither
+             [3, 0, 1, 2, 4, 5, 6],  # label 3 first, but not scored
+             [1, 0, 2, 3, 4, 5, 6]]  # label 0 second: top-5 only
+    probs = torch.zeros(5, 7)
+    for v, classes in enumerate(order):
+        probs[v, classes] = torch.arange(7, 0, -1.0) / 28
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    got = score(probs, labels, torch.tensor([True, True, True, False, True]))
+    assert got["num_videos"] == 4 and got["top1"] == 1 / 4 and got["top5"] == 3 / 4
+    assert got["mean_class_acc"] == pytest.approx((1 / 2 + 0 + 0) / 3)  # classes 0 (1 of 2), 1 and 2 (none)
 
 
 # ----------------------------------------------------------------------------- data
@@ -562,14 +640,15 @@ def test_crop_boxes():
 
 @pytest.mark.parametrize('mode,V', [('pretrain', 2), ('train', 2), ('test', 6)])
 def test_dataset_outputs(videos, mode, V):
+    torch.manual_seed(0)  # items draw their randomness from torch's RNG
     samples = [(videos['avi'], 3), (videos['mp4'], 1), (videos['short'], 0)]
     augment = functools.partial(finetune.augment_clip, aa=finetune.parse_aa('rand-m7-n4-mstd0.5-inc1'), reprob=0.25)
     ds = data.VideoDataset(samples, mode, num_frames=8, sampling_rate=2, input_size=32, num_sample=2,
                            augment=augment, test_num_segment=2, test_num_crop=3)
     for i in range(3):
-        clips, label, index, substituted = ds[i]
+        clips, label, index, substituted, truncated = ds[i]
         assert clips.shape == (V, 8, 32, 32, 3) and clips.dtype == torch.uint8
-        assert (label, index, substituted) == (samples[i][1], i, 0)
+        assert (label, index, substituted, truncated) == (samples[i][1], i, 0, 0)
         assert 20 < clips.float().mean() < 235 and clips.max() > 100
     if mode != 'test':
         assert not torch.equal(clips[0], clips[1])  # repeated sampling: different clips from one decode
@@ -635,6 +714,18 @@ def test_rand_augment_is_the_references():
     assert shifted.max() > 200 and shifted.min() == 0
     rotated = finetune.augment_op(np.full((1, 32, 32, 3), 7, np.uint8), "rotate", 1.0)
     assert (rotated[0, 0, 0] == 128).all() and (rotated[0, 16, 16] == 7).all()
+
+
+def test_random_erase():
+    clip = np.zeros((4, 32, 32, 3), np.uint8)
+    for seed in range(20):
+        erased = finetune.random_erase(clip.copy(), np.random.default_rng(seed)).any(-1)
+        if not erased.any():  # a box as wide or tall as the frame is dropped
+            continue
+        assert all(np.array_equal(erased[0], m) for m in erased)  # one box on every frame
+        ys, xs = np.nonzero(erased[0])
+        area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert 0.02 * 32 * 32 * 0.8 <= area <= 32 * 32 / 3 * 1.2 and erased[0].sum() >= 0.9 * area
 
 
 def test_normalize():
@@ -721,47 +812,62 @@ def test_list_and_folder(tmp_path):
         data.load_samples(tmp_path / 'tree', 'kinetics')
 
 
-def test_bad_files_are_substituted(videos, tmp_path):
+def test_bad_files_are_substituted_and_reported_by_the_items(videos, tmp_path):
     raw = open(videos['avi'], 'rb').read()
     (tmp_path / 'zero.avi').write_bytes(b'')
     (tmp_path / 'noise.avi').write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
     (tmp_path / 'header.avi').write_bytes(raw[:600])
+    (tmp_path / 'cut.avi').write_bytes(raw[:len(raw) // 4])
     bad = [str(tmp_path / n) for n in ('zero.avi', 'noise.avi', 'header.avi', 'nonexistent.avi')]
     for path in bad:
         with pytest.raises(data.VideoReadError, match=path.split('/')[-1]):
             data.read_frames(path, [0])
-    good = [(videos['avi'], 7)] * 77
-    ds = data.VideoDataset([(bad[0], 1), (bad[1], 2), (videos['mp4'], 5)] + good, 'pretrain', num_frames=4,
-                           input_size=32, max_bad_fraction=0.05)
-    with pytest.warns(UserWarning, match='zero.avi'):
-        clips, label, index, substituted = ds[0]
-    assert (label, index, substituted) == (5, 0, 2) and clips.shape == (1, 4, 32, 32, 3)
+    decodable = len(sequential(tmp_path / 'cut.avi'))
+    assert 0 < decodable < 50 and data.video_length(tmp_path / 'cut.avi') == 150
+    samples = [(bad[0], 1), (bad[1], 2), (videos['mp4'], 5), (str(tmp_path / 'cut.avi'), 4)]
+    ds = data.VideoDataset(samples, 'test', num_frames=4, input_size=32, test_num_segment=2, test_num_crop=1)
     with warnings.catch_warnings():
-        warnings.simplefilter('error')  # known bad files are skipped without a new warning
-        assert ds[1][1:] == (5, 1, 1)
-    ds.samples[3:6] = [(bad[2], 0), (bad[3], 0), (bad[0], 0)]
-    with pytest.warns(UserWarning, match='header.avi'):
-        assert ds[3][1:] == (7, 3, 3)  # 4 bad files of 80: not over 5 %
-    (tmp_path / 'noise2.avi').write_bytes(b'RIFF' + bytes(3000))
-    ds.samples[6] = (str(tmp_path / 'noise2.avi'), 0)
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match='5 of 80 videos unreadable.*--check'):
-        ds[6]
-    ds = data.VideoDataset([(bad[0], 0)] * 10, 'pretrain', max_bad_fraction=0.5)  # one bad file, listed 10 times
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match='none of the 10 videos'):
+        warnings.simplefilter('error')  # nothing is printed or warned here: the training loop names the files
+        clips, label, index, substituted, truncated = ds[0]
+        assert (label, index, substituted, truncated) == (5, 0, 2, 0) and clips.shape == (2, 4, 32, 32, 3)
+        assert ds.bad == set(bad[:2]) and ds[1][1:] == (5, 1, 1, 0)  # known bad files are skipped
+        assert ds[3][1:] == (4, 3, 0, decodable)  # the test clips reach past the real end: the count is told
+    ds = data.VideoDataset([(bad[0], 0)] * 10, 'pretrain')  # one bad file, listed 10 times
+    with pytest.raises(data.VideoReadError, match='none of the 10 videos'):
         ds[0]
+
+
+def vfr_video(path, n=100):
+    """H.264 whose frame rate halves in the middle (timestamps 40 ms apart, then 80): OpenCV's seek misses."""
+    import av
+    from fractions import Fraction
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('libx264', rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {'x264-params': 'keyint=12'}
+        for k, frame in enumerate(frames_of(n)):
+            picture = av.VideoFrame.from_ndarray(frame, format='bgr24')
+            picture.pts, picture.time_base = 40 * min(k, n // 2) + 80 * max(k - n // 2, 0), Fraction(1, 1000)
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return str(path)
 
 
 def test_check_cli(videos, tmp_path, capsys, monkeypatch):
     lst = tmp_path / 'list.txt'
     (tmp_path / 'zero.avi').write_bytes(b'')
-    lst.write_text(f"{videos['avi']} 0\n{videos['short']} 1\n{tmp_path / 'zero.avi'} 1\n")
+    vfr = vfr_video(tmp_path / 'vfr.mp4')
+    lst.write_text(f"{videos['avi']} 0\n{videos['short']} 1\n{tmp_path / 'zero.avi'} 1\n{vfr} 0\n")
     monkeypatch.setattr('sys.argv', ['data.py', '--check', str(lst)])
     with pytest.raises(SystemExit) as e:
         data.main()
     out = capsys.readouterr().out
     assert e.value.code == 1 and 'UNREADABLE' in out and 'zero.avi' in out
-    assert 'SHORT' in out and 'short.avi' in out and 'SEEK' not in out and 'a.avi' not in out
-    assert 'all: 3 videos; videos0 1, 1 2' in out and '3 files: 1 unreadable, 1 other findings' in out
+    assert 'SHORT' in out and 'short.avi' in out and 'a.avi' not in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith('SEEK')] == [['SEEK', f'{vfr}:']]
+    assert 'all: 4 videos; 0 2, 1 2' in out and '4 files: 1 unreadable, 2 other findings' in out
+    assert np.array_equal(data.read_frames(vfr, [70])[0], sequential(vfr)[70])  # exact all the same, but slow
 
 
 def test_demo_dataset(tmp_path):
@@ -858,19 +964,21 @@ def test_demo_classes_are_learnable_from_the_loaders_clips(tmp_path):
 import pretrain  # noqa: E402
 import finetune  # noqa: E402
 
-SMALL_RUN = ["--model", "tiny", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--batch_size", "2",
-             "--num_workers", "0", "--warmup_epochs", "1", "--save_ckpt_freq", "1", "--device", "cpu"]
+SIZES = ["--model", "tiny", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2"]
+SMALL_RUN = SIZES + ["--batch_size", "2", "--num_workers", "0", "--warmup_epochs", "1", "--save_ckpt_freq", "1",
+                     "--device", "cpu"]
+COLOURS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]  # BGR
 
 
-def clip_video(path, bright, seed, n=24, size=(48, 40)):
-    """A small textured clip; `bright` sets its overall level (two classes any model separates)."""
+def clip_video(path, bright, seed, n=24, size=(48, 40), colour=(1, 1, 1)):
+    """A small textured clip; `bright` sets its overall level in the `colour` channels (classes any model separates)."""
     rng = np.random.default_rng(seed)
     W, H = size
     tex = cv2.GaussianBlur(rng.integers(0, 256, (H, W + n, 3)).astype(np.uint8), (0, 0), 1.5)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"XVID"), 25, size)
     for t in range(n):
-        frame = tex[:, t:t + W] // 3 + (150 if bright else 20)
-        writer.write(np.ascontiguousarray(frame))
+        frame = tex[:, t:t + W] // 3 + (np.array(colour) * (150 if bright else 20) + 20 * (1 - np.array(colour)))
+        writer.write(np.ascontiguousarray(frame.astype(np.uint8)))
     writer.release()
 
 
@@ -885,6 +993,20 @@ def two_classes(tmp_path_factory):
             clip_video(root / name / f"{k}.avi", label, seed=10 * label + k)
             lines["train.txt" if k < 4 else "val.txt"].append(f"{name}/{k}.avi {label}\n")
     lines["val.txt"].pop()  # 5 test videos: a distributed sampler over 2 processes must pad one
+    for name, rows in lines.items():
+        (root / name).write_text("".join(rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def six_classes(tmp_path_factory):
+    """Six colours, 2 training and 1 test video each: top-5 of 6 classes is not 1 by construction."""
+    root = tmp_path_factory.mktemp("six_classes")
+    lines = {"train.txt": [], "val.txt": []}
+    for label, colour in enumerate(COLOURS):
+        for k in range(3):
+            clip_video(root / f"{label}_{k}.avi", True, seed=100 + 10 * label + k, colour=colour)
+            lines["train.txt" if k < 2 else "val.txt"].append(f"{label}_{k}.avi {label}\n")
     for name, rows in lines.items():
         (root / name).write_text("".join(rows))
     return root
@@ -936,11 +1058,19 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
         torch.testing.assert_close(state["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"], rtol=0, atol=0)
 
 
-def test_pretrain_decoder_mask_repeated_sampling_and_nonfinite_stop(tmp_path, two_classes, monkeypatch, capsys):
+def test_pretrain_decoder_mask_random_mask_repeated_sampling_and_nonfinite_stop(tmp_path, two_classes, monkeypatch,
+                                                                                capsys):
+    random_masks = []
+    monkeypatch.setitem(M.MASKS, "random", lambda *a, **k: random_masks.append(a[0]) or M.random_mask(*a, **k))
     out = tmp_path / "dual"
     pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--input_size", "64", "--epochs", "1",
-                   "--decoder_mask_type", "run_cell", "--num_sample", "2", "--no_norm_pix_loss", "--output_dir", str(out)])
-    assert read_log(out)[-1]["clips_per_s"] > 0 and "lr 0.0001 x" not in capsys.readouterr().out
+                   "--decoder_mask_type", "run_cell", "--num_sample", "2", "--mask_type", "random",
+                   "--no_norm_pix_loss", "--output_dir", str(out)])
+    # 64 px, 4 frames: 2x4x4 = 32 tokens; mask 0.9 hides int(0.9 * 32) = 28; the running cell rebuilds half: 16
+    assert "(2, 4, 4) tokens per clip, 4 visible" in capsys.readouterr().out
+    log = read_log(out)[-1]
+    assert log["rebuilt_per_clip"] == 16 and log["clips_per_step"] == 4  # 2 videos x 2 clips each
+    assert random_masks == [1, 4, 4, 4, 4, 1]  # the count at start, the 4 clips of every step, the picture's clip
     assert read_log(out)[0]["config"]["no_norm_pix_loss"] is True
     forward = MD.VideoMAE.forward
     calls = {"n": 0}
@@ -960,26 +1090,48 @@ def test_pretrain_decoder_mask_repeated_sampling_and_nonfinite_stop(tmp_path, tw
     assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 0  # the last good one
 
 
-def test_finetune_learns_a_separable_set_and_evals_a_pretraining_checkpoint(tmp_path, two_classes, capsys):
+def test_finetune_learns_six_classes_resumes_with_the_checkpoints_sizes_and_eval_keeps_the_record(
+        tmp_path, two_classes, six_classes, capsys, monkeypatch):
     pre = tmp_path / "pre"
     pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--output_dir", str(pre)])
+    samplings, clip_indices = [], data.clip_indices
+
+    def spy(n, mode, num_frames, sampling_rate, sampling, *rest):
+        samplings.append(sampling)
+        return clip_indices(n, mode, num_frames, sampling_rate, sampling, *rest)
+
+    monkeypatch.setattr(data, "clip_indices", spy)
     out = tmp_path / "ft"
-    finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "6", "--blr", "0.02", "--mixup", "0",
-                   "--cutmix", "0", "--smoothing", "0", "--aa", "none", "--reprob", "0", "--drop_path", "0",
-                   "--test_num_segment", "2", "--test_num_crop", "3", "--finetune", str(pre / "checkpoint-latest.pth"),
-                   "--output_dir", str(out)])
+    recipe = ["--data_path", str(six_classes), "--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--aa", "none",
+              "--reprob", "0", "--drop_path", "0", "--sampling", "segment", "--blr", "0.05"]
+    finetune.main(recipe + [*SMALL_RUN, "--epochs", "5", "--test_num_segment", "2", "--test_num_crop", "3",
+                            "--finetune", str(pre / "checkpoint-latest.pth"), "--output_dir", str(out)])
     printed = capsys.readouterr().out
     assert "starting fresh as expected: fc_norm.weight, fc_norm.bias, head.weight, head.bias" in printed
+    assert set(samplings) == {"segment"}
     test = read_log(out)[-1]["test"]
-    assert test["num_videos"] == 5 and test["views"] == 6 and test["top1"] == 1.0 and test["mean_class_acc"] == 1.0
-    assert all(0 <= test[k] <= 1 for k in ("top1", "top5", "mean_class_acc"))
+    assert test["num_videos"] == 6 and test["views"] == 6 and test["unreadable"] == 0
+    assert test["top1"] == 1.0 and test["mean_class_acc"] == 1.0 and test["top5"] == 1.0
     assert (out / "confusion.png").exists() and all("val_top1" in r for r in read_log(out)[1:-1])
-    # --eval alone reproduces the final test of the saved weights; sizes come from the checkpoint's config
-    finetune.main(["--data_path", str(two_classes), "--eval", "--test_num_segment", "2", "--test_num_crop", "3",
-                   "--num_workers", "0", "--device", "cpu", "--resume", str(out / "checkpoint-latest.pth"),
-                   "--output_dir", str(tmp_path / "ev")])
-    assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4" in capsys.readouterr().out
-    assert read_log(tmp_path / "ev")[-1]["test"] == test
+    # --eval in the training run's folder: its lines are appended, the record and the picture stay as they were
+    record, picture = (out / "log.jsonl").read_text(), (out / "confusion.png").read_bytes()
+    ckpt = str(out / "checkpoint-latest.pth")
+    finetune.main(["--data_path", str(six_classes), "--eval", "--test_num_segment", "2", "--test_num_crop", "3",
+                   "--sampling", "segment", "--num_workers", "0", "--device", "cpu", "--resume", ckpt,
+                   "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4" in printed
+    assert (out / "log.jsonl").read_text().startswith(record) and read_log(out)[-1]["test"] == test
+    assert (out / "confusion.png").read_bytes() == picture and (out / "confusion-eval1.png").exists()
+    # --resume to train on: model size, input size, frames and stride from the checkpoint, as with --finetune
+    more = tmp_path / "more"
+    finetune.main(recipe + ["--resume", ckpt, "--epochs", "6", "--batch_size", "2", "--num_workers", "0",
+                            "--device", "cpu", "--test_num_segment", "1", "--test_num_crop", "1",
+                            "--output_dir", str(more)])
+    printed = capsys.readouterr().out
+    assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2" in printed
+    assert f"resumed from {ckpt}: epoch 5 of 6" in printed and "from scratch" not in printed
+    assert [r["epoch"] for r in read_log(more) if "epoch" in r] == [5]
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval"])
     assert stop.value.code == 2 and "--eval needs the weights" in capsys.readouterr().err
@@ -1004,6 +1156,157 @@ def test_knn_probe_separates_a_separable_set(tmp_path, two_classes, capsys):
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), "--knn", "--finetune", "none", "--device", "cpu"])
     assert stop.value.code == 2 and "--knn scores a trained encoder" in capsys.readouterr().err
+
+
+def test_a_mask_ratio_that_hides_nothing_is_refused(tmp_path, two_classes, capsys):
+    with pytest.raises(ValueError, match="no token to rebuild"):
+        tiny_mae()(torch.randn(1, 3, 4, 32, 32), torch.zeros(1, 32, dtype=torch.bool))
+    with pytest.raises(SystemExit) as stop:  # 32 px, 4 frames: 2x2x2 tokens; int(0.2 * 4) = 0 hidden per slice
+        pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--mask_ratio", "0.2", "--epochs", "1",
+                       "--output_dir", str(tmp_path / "none")])
+    assert stop.value.code == 2 and "--mask_ratio 0.2 hides no token of the 2x2x2 grid" in capsys.readouterr().err
+
+
+def test_fewer_videos_than_one_step_are_refused_at_start(tmp_path, two_classes, capsys):
+    out = tmp_path / "few"
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--batch_size", "8", "--accum_iter", "2",
+                       "--epochs", "1", "--output_dir", str(out)])
+    assert stop.value.code == 1 and not (out / "checkpoint-latest.pth").exists()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "8 training videos make no step of 8 videos x 1 processes x 2 accum_iter = 16; lower --batch_size or "
+        "--accum_iter, or add videos")
+
+
+def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch):
+    # The durable writes at the end of an epoch (log line, latest and numbered checkpoint), counted from epoch 0
+    # on; a kill just before the k-th of them, or in the middle of the log line, then a resume: every epoch is in
+    # the log once.
+    from types import SimpleNamespace
+
+    class Killed(Exception):
+        pass
+
+    ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=lambda *a: None)
+    atomic_write, log = pretrain.atomic_write, pretrain.Run.log
+    for kill_at in range(4):
+        for half_line in (False, True):
+            out = tmp_path / f"kill{kill_at}{'-half' * half_line}"
+            writes = []  # None: no kill (the resumed run)
+
+            def counted(write, *a, **k):
+                if writes is not None:
+                    writes.append(write)
+                    if len(writes) == kill_at + 1:
+                        if half_line and write is log:
+                            open(a[0].log_path, "a").write(json.dumps(a[1])[:15])  # killed while writing the line
+                        raise Killed
+                return write(*a, **k)
+
+            monkeypatch.setattr(pretrain, "atomic_write", lambda *a, **k: counted(atomic_write, *a, **k))
+            monkeypatch.setattr(pretrain.Run, "log", lambda *a, **k: counted(log, *a, **k))
+            args = SimpleNamespace(dtype="fp32", output_dir=str(out), resume=None, epochs=3, save_ckpt_freq=1)
+            for attempt in range(2):
+                net = torch.nn.Linear(2, 2)
+                saved, writes = writes, None
+                run = pretrain.Run(args, ctx, net, torch.optim.AdamW(net.parameters()))  # (resumes the second time)
+                writes = saved
+                try:
+                    for epoch in range(run.start_epoch, args.epochs):
+                        run.end_epoch(epoch, {"epoch": epoch, "loss": 1.0})
+                except Killed:
+                    writes = None
+            assert writes is None  # the kill happened
+            assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1, 2], (kill_at, half_line)
+
+
+def test_unreadable_test_videos_are_named_not_scored(videos, tmp_path):
+    from types import SimpleNamespace
+    from finetune import predict_and_score
+    (tmp_path / "zero.avi").write_bytes(b"")
+    samples = [(videos["avi"], 0), (str(tmp_path / "zero.avi"), 1), (videos["mp4"], 2)]
+    ds = data.VideoDataset(samples, "test", num_frames=4, sampling_rate=2, input_size=32, test_num_segment=1,
+                           test_num_crop=1)
+    net = tiny_vit(num_classes=3)
+    with torch.no_grad():  # always class 2: the zero-byte video's item (which holds the mp4's views) would be wrong
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    args = SimpleNamespace(batch_size=2, num_workers=0, seed=0, dtype="fp32")
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    scores = predict_and_score(net, ds, args, ctx)
+    assert scores["num_videos"] == 2 and scores["top1"] == 0.5 and scores["mean_class_acc"] == 0.5
+    assert scores["unreadable"] == 1 and scores["unreadable_files"] == [str(tmp_path / "zero.avi")]
+
+
+def test_bad_videos_are_named_once_per_run_and_too_many_stop_cleanly(tmp_path, two_classes, capfd):
+    # Broken files among 8 good ones, loaded by 2 worker processes that restart every epoch.
+    bad = {"zero.avi": b"", "text.mp4": b"not a video\n",
+           "noise.avi": np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes()}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    raw = open(write_video(tmp_path / "full.avi", 150), "rb").read()
+    (tmp_path / "cut.avi").write_bytes(raw[:len(raw) // 4])
+    decodable = len(sequential(tmp_path / "cut.avi"))
+    good = [f"{two_classes / line}" for line in (two_classes / "train.txt").read_text().splitlines()]
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"{line}\n" for line in good + [f"{tmp_path}/{n} 0" for n in ("zero.avi", "text.mp4", "cut.avi")]))
+    out = tmp_path / "run"
+    argv = ["--data_path", str(lst), *SMALL_RUN, "--num_workers", "2", "--save_ckpt_freq", "100", "--output_dir", str(out)]
+    pretrain.main(argv + ["--epochs", "2"])  # 2 unreadable of 11: tolerated
+    printed, err = capfd.readouterr()
+    for name in ("zero.avi", "text.mp4"):
+        assert [line for line in printed.splitlines() if name in line] == [
+            f"unreadable video, another sample used in its place: {tmp_path / name}"]
+    assert [line for line in printed.splitlines() if "cut.avi" in line] == [
+        f"truncated video, only its first {decodable} frames decode (the last one repeats): {tmp_path / 'cut.avi'}"]
+    assert "Warning" not in err and "moov" not in err and "Traceback" not in err, err
+    assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1]
+    # a third unreadable file: over the limit (5% of 12, and at least 3), counted across workers
+    lst.write_text(lst.read_text() + f"{tmp_path}/noise.avi 0\n")
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(argv + ["--epochs", "4"])
+    printed, err = capfd.readouterr()
+    assert stop.value.code == 1 and "Traceback" not in err, err
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("stopping: 3 of 12 training videos are unreadable, more than the 2 tolerated: ")
+    assert all(str(tmp_path / name) in last for name in bad) and f"`python data.py --check {lst}`" in last
+    assert last.endswith(f"the last good checkpoint is {out / 'checkpoint-latest.pth'}")
+    assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1]
+
+
+def test_accumulation_is_a_doubled_batch_and_fp16_clips_the_unscaled_gradient(tmp_path, two_classes, capsys):
+    common = ["--data_path", str(two_classes), *SMALL_RUN, "--per_class", "2", "--epochs", "1", "--warmup_epochs", "0",
+              "--save_ckpt_freq", "100", "--blr", "0.05"]
+    pretrain.main(common + ["--batch_size", "4", "--output_dir", str(tmp_path / "batch4")])
+    pretrain.main(common + ["--accum_iter", "2", "--output_dir", str(tmp_path / "accum2")])
+    printed = capsys.readouterr().out
+    assert printed.count("4 videos, 1 steps/epoch") == 2  # --per_class 2 of 2 classes
+    a, b = (torch.load(tmp_path / d / "checkpoint-latest.pth", weights_only=True) for d in ("batch4", "accum2"))
+    assert read_log(tmp_path / "batch4")[-1]["lr"] == pytest.approx(0.05 * 4 / 256)  # no warmup
+    for k in a["model"]:  # AdamW's one step moves nearly every weight by about lr = 7.8e-4: the same steps
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=5e-5)
+    assert [read_log(tmp_path / d)[-1]["clips_per_step"] for d in ("batch4", "accum2")] == [4, 4]
+    norms, dtypes = [], set()
+
+    def before_step(optimizer, args, kwargs):
+        norms.append(torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None])).item())
+
+    from torch.nn.modules.module import register_module_forward_hook
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hooks = [register_optimizer_step_pre_hook(before_step),
+             register_module_forward_hook(lambda module, inputs, output: dtypes.add(getattr(output, "dtype", None)))]
+    try:
+        pretrain.main(common + ["--batch_size", "4", "--dtype", "fp16", "--clip_grad", "0.01",
+                                "--output_dir", str(tmp_path / "fp16")])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.float16 in dtypes and len(norms) == 1 and norms[0] <= 0.01 * 1.001  # unscaled, then clipped
+    c = torch.load(tmp_path / "fp16" / "checkpoint-latest.pth", weights_only=True)
+    assert c["scaler"]["scale"] > 1 and math.isfinite(read_log(tmp_path / "fp16")[-1]["loss"])
+    assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
 def torchrun(script, *argv, cwd):
@@ -1047,26 +1350,46 @@ def test_sigkill_loses_at_most_the_current_epoch(tmp_path, two_classes):
     deadline = time.time() + 300
     while not (out / "checkpoint-latest.pth").exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.05)
+    still_running = run.poll() is None
     run.send_signal(signal.SIGKILL)  # somewhere in epoch 1 (or while it writes)
     run.wait()
-    assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] >= 0
+    assert still_running and run.returncode == -signal.SIGKILL
+    assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] < 2  # killed before the end
+    assert [r["epoch"] for r in read_log(out) if "epoch" in r] in ([0], [0, 1])  # mid-epoch 1 or after its line
     subprocess.run(cmd, cwd=here, env=env, check=True, capture_output=True, timeout=600)
     epochs = [r["epoch"] for r in read_log(out) if "epoch" in r]
     assert epochs == [0, 1, 2]  # each epoch logged once, none lost
 
 
 def test_bench_smoke_run_has_every_row(tmp_path):
+    import importlib.util
     import subprocess
     import sys
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "bench.py", "--smoke", "--out", str(out)], capture_output=True, text=True,
                           timeout=600, cwd=str(__import__("pathlib").Path(__file__).parent))
     assert done.returncode == 0, done.stderr[-3000:]
-    names = " | ".join(r["name"] for r in json.loads(out.read_text())["rows"])
-    for row in ["matmul peak", "step ours bf16", "step ours fp32", "step HF", "peak memory ours / HF",
-                "ours bf16 / ours fp32", "bf16 vs fp32 loss", "clips floor", "clips reference", "clips ours: VideoDataset",
-                "num_sample=2", "clips ours / reference", "clips ours / floor", "DataLoader, 1 worker", "2 workers"]:
-        assert row in names, row
+    rows = json.loads(out.read_text())["rows"]
+    have = {name: importlib.util.find_spec(name) is not None for name in ("transformers", "decord", "PIL")}
+    missing = {"transformers": None if have["transformers"] else "transformers",  # what a row's skip names
+               "decord": None if have["decord"] and have["PIL"] else "decord" if not have["decord"] else "pillow"}
+    # each row: a part of its name, the figure it must carry, the optional package it needs
+    for part, key, needs in [("matmul peak bf16", "tflops", None), ("matmul peak fp32", "tflops", None),
+                             ("step ours bf16", "ms", None), ("step ours fp32", "ms", None),
+                             ("step HF", "ms", "transformers"), ("peak memory ours / HF", "ratio", "transformers"),
+                             ("ours bf16 / HF bf16", "ratio", "transformers"), ("ours bf16 / ours fp32", "ratio", None),
+                             ("bf16 vs fp32 loss", "ratio", None), ("clips floor", "clips_per_s", None),
+                             ("clips reference", "clips_per_s", "decord"), ("clips ours: VideoDataset", "clips_per_s", None),
+                             ("num_sample=2, both", "clips_per_s", None), ("clips num_sample=2 / num_sample=1", "ratio", None),
+                             ("clips ours / reference", "ratio", "decord"), ("clips ours / floor", "ratio", None),
+                             ("DataLoader, 1 worker", "clips_per_s", None), ("DataLoader, 2 workers", "clips_per_s", None)]:
+        (row,) = [r for r in rows if part in r["name"]]
+        if needs and missing[needs]:
+            assert row["value"] == f"skipped: pip install {missing[needs]}", row
+        else:  # a measured figure: a positive number (the loss gap may be 0)
+            assert isinstance(row.get(key), float) and 0 <= row[key] < math.inf, row
+            assert row[key] > 0 or part == "bf16 vs fp32 loss", row
+    assert len(rows) == 18
 
 
 def test_init_statistics_are_the_references():
