@@ -877,11 +877,11 @@ def test_demo_dataset(tmp_path):
     assert sorted(p.name for p in (tmp_path / 'a').iterdir()) == ['demo']  # no temporary folder left
     train, names = data.load_samples(a, 'demo', train=True)
     val, _ = data.load_samples(a / 'val.txt')
-    assert names == ['right', 'left', 'down'] and len(train) == len(val) == 6
+    assert names == ['right', 'left', 'grow'] and len(train) == len(val) == 6
     assert [s[1] for s in train].count(0) == [s[1] for s in train].count(2) == 2
     for (pa, la), (pb, lb) in zip(train + val, data.load_samples(b, 'list')[0] + data.load_samples(b / 'val.txt')[0]):
         fa, fb = sequential(pa), sequential(pb)
-        assert la == lb and fa.shape == (12, 96, 128, 3) and np.array_equal(fa, fb)
+        assert la == lb and fa.shape == (12, 72, 96, 3) and np.array_equal(fa, fb)
     stamp = (a / 'meta.json').stat().st_mtime_ns
     assert data.make_demo_dataset(a, **kw) == a and (a / 'meta.json').stat().st_mtime_ns == stamp  # reused
     c = data.make_demo_dataset(tmp_path / 'c', **dict(kw, seed=4))
