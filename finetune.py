@@ -7,7 +7,10 @@
 
 Training, checkpoints, resuming and logging work as in pretrain.py (whose shared half this script uses).
 """
+import json
 import os
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,8 +20,8 @@ import torch.nn.functional as F
 
 import data
 import model as models
-from pretrain import (Run, all_sum, atomic_write, autocast, common_parser, finish_args, make_loader, param_groups,
-                      setup, start_epoch, train_epoch, training_subset, wrap)
+from pretrain import (Context, Run, all_sum, atomic_write, autocast, common_parser, finish_args, make_loader,
+                      param_groups, setup, start_epoch, train_epoch, training_subset, wrap)
 
 # Reference UCF101 recipe (blr 5e-4, layer decay 0.7, drop path 0.2, 100 epochs, 5 clips x 3 crops at test).
 PAPER = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
@@ -52,18 +55,23 @@ def main(argv=None):
     arg("--test_num_segment", type=int, default=5, help="clips per test video")
     arg("--test_num_crop", type=int, default=3, help="crops per test clip")
     arg("--eval", action="store_true", help="only test the weights of --finetune or --resume")
+    arg("--predict", nargs="+", metavar="VIDEO", help="print the top-5 classes of each video (multi-view test) "
+                                                       "with the weights of --finetune; needs no data set")
     args = finish_args(parser, argv, PAPER, DEMO)
-    if args.eval and not (args.finetune or args.resume):
-        parser.error("--eval needs the weights to test: --finetune PATH or --resume PATH")
+    if (args.eval or args.predict) and (args.finetune or args.resume) in (None, "none"):
+        parser.error(f"--{'predict' if args.predict else 'eval'} needs the weights to test: --finetune PATH or --resume PATH")
     for name in ("finetune", "resume"):
         if getattr(args, name) not in (None, "none") and not os.path.isfile(getattr(args, name)):
             parser.error(f"--{name} {getattr(args, name)} is not a file")
+    if args.predict:
+        return predict(args, Context(args))
     ctx = setup(args)
 
     train_samples, classes = data.load_samples(args.data_path, args.data_set, args.split, train=True)
     train_samples = training_subset(train_samples, args)
     test_samples, _ = data.load_samples(args.data_path, args.data_set, args.split, train=False)
     args.nb_classes = args.nb_classes or len(classes)
+    args.classes = classes  # saved in every checkpoint's config: --predict names its classes
     labels = [label for _, label in train_samples + test_samples]
     if min(labels) < 0 or max(labels) >= args.nb_classes:
         parser.error(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; --nb_classes {args.nb_classes} does not fit")
@@ -71,22 +79,7 @@ def main(argv=None):
     if weights is None and args.demo and os.path.exists(DEMO_PRETRAINED):
         weights = DEMO_PRETRAINED
     weights = None if weights == "none" else weights
-    if weights:  # this project's checkpoints say what they hold
-        saved = models.read_file(weights).get("config") or {}
-        inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
-        if inherited:
-            vars(args).update(inherited)
-            ctx.print("from the checkpoint's config: " + ", ".join(f"--{k} {v}" for k, v in inherited.items()))
-    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
-                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
-                             head_drop_rate=args.head_drop_rate)
-    net.grad_checkpointing = args.grad_ckpt
-    if weights:
-        ctx.print(f"initial weights: {weights}")
-        models.load_checkpoint(net, weights, verbose=ctx.main)
-    else:
-        ctx.print("no --finetune checkpoint: training from scratch")
-    net.to(ctx.device)
+    net, _ = build_classifier(args, weights, ctx)
     test_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                  sampling=args.sampling, test_num_segment=args.test_num_segment,
                                  test_num_crop=args.test_num_crop, seed=args.seed)
@@ -117,6 +110,65 @@ def main(argv=None):
         run.end_epoch(epoch, stats)
     evaluate(net, test_set, args, ctx, run, classes)
     run.close()
+
+
+def build_classifier(args, weights, ctx):
+    """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input size, frames and
+    stride not given as flags come from the checkpoint's configuration. Returns (net, that configuration)."""
+    saved = models.checkpoint_config(weights) if weights else {}
+    inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
+    if inherited:
+        vars(args).update(inherited)
+        ctx.print("from the checkpoint's config: " + ", ".join(f"--{k} {v}" for k, v in inherited.items()))
+    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
+                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
+                             head_drop_rate=args.head_drop_rate)
+    net.grad_checkpointing = args.grad_ckpt
+    if weights:
+        ctx.print(f"initial weights: {weights}")
+        models.load_checkpoint(net, weights, verbose=ctx.main)
+    else:
+        ctx.print("no --finetune checkpoint: training from scratch")
+    return net.to(ctx.device), saved
+
+
+def class_name(names, label):
+    return names[label] if label < len(names) else f"class {label}"
+
+
+def predict(args, ctx):
+    """--predict: each video's top-5 classes by name, from its test_num_segment x test_num_crop views' averaged
+    softmax; printed, and written to predictions.jsonl. An unreadable video gets one line; the others still run."""
+    weights = args.finetune or args.resume
+    head = models.canonical_weights(models.read_file(weights)).get("head.bias")
+    if head is None:
+        sys.exit(f"{weights} has no classification head (a pre-training checkpoint): fine-tune it first, "
+                 f"python finetune.py --finetune {weights} --data_path YOUR_DATA, then predict with that checkpoint")
+    args.nb_classes = len(head)
+    net, saved = build_classifier(args, weights, ctx)
+    net.eval()
+    names = saved.get("classes") or []
+    dataset = data.VideoDataset([(video, -1) for video in args.predict], "test", args.num_frames, args.sampling_rate,
+                                args.input_size, sampling=args.sampling, test_num_segment=args.test_num_segment,
+                                test_num_crop=args.test_num_crop, seed=args.seed)
+    records = []
+    for i, video in enumerate(args.predict):
+        try:
+            views = torch.from_numpy(dataset._load(i))  # (V, T, H, W, 3); raises where __getitem__ would substitute
+        except data.VideoReadError as error:
+            ctx.print(f"{error}; skipped")
+            records.append({"video": video, "error": str(error)})
+            continue
+        with torch.no_grad(), autocast(args, ctx):
+            logits = torch.cat([net(data.normalize(v.to(ctx.device))) for v in views.split(args.batch_size)])
+        top = logits.float().softmax(-1).mean(0).topk(min(5, args.nb_classes))  # the views' probabilities averaged
+        top5 = [[class_name(names, c), p] for p, c in zip(top.values.tolist(), top.indices.tolist())]
+        ctx.print(f"{video}: " + ", ".join(f"{name} {p:.1%}" for name, p in top5))
+        records.append({"video": video, "top5": top5})
+    path = os.path.join(args.output_dir, "predictions.jsonl")
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    ctx.print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- mixup / cutmix with soft targets

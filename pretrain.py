@@ -158,17 +158,18 @@ def common_parser(doc, paper, demo):
 def finish_args(parser, argv, paper, demo):
     """Parse, fill the recipe's defaults (the demo's without --data_path) and reject bad values with one line."""
     args = parser.parse_args(argv)
-    args.demo = args.data_path is None
+    args.demo = args.data_path is None and not getattr(args, "predict", None)  # finetune.py --predict reads no data set
     args.recipe_defaults = sorted(k for k in paper if getattr(args, k, None) is None)  # flags not given
     for key, value in (demo if args.demo else paper).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.demo:
         args.data_path, args.data_set = str(data.make_demo_dataset("data/demo")), "list"
-    elif not os.path.exists(args.data_path):
+    elif args.data_path is not None and not os.path.exists(args.data_path):
         parser.error(f"--data_path {args.data_path} does not exist")
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set or 'data'}")
+    run = "predict" if getattr(args, "predict", None) else "demo" if args.demo else args.data_set or "data"
+    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_frames % models.TUBELET_SIZE:
         parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size {models.TUBELET_SIZE}")

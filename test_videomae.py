@@ -298,6 +298,65 @@ def test_wrong_checkpoints_give_clear_errors(tmp_path):
         MD.load_checkpoint(tiny_mae(), path)
 
 
+def exported(kind, tmp_path):
+    """A tiny-preset model with random weights, saved as this project's checkpoint and exported."""
+    torch.manual_seed(0)
+    extra = dict(num_classes=3) if kind == "finetune" else dict(norm_pix_loss=True)
+    net = MD.build_model(kind, "tiny", img_size=32, num_frames=4, **extra)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    config = {"model": "tiny", "input_size": 32, "num_frames": 4, "classes": ["run", "jump", "swim"]}
+    tmp_path.mkdir(exist_ok=True)
+    torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, tmp_path / "checkpoint.pth")
+    return net.eval(), MD.export_huggingface(tmp_path / "checkpoint.pth", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_export_to_huggingface_round_trips_every_tensor(kind, weights_file, tmp_path, monkeypatch):
+    if weights_file == "pytorch_model.bin":
+        monkeypatch.setitem(__import__("sys").modules, "safetensors.torch", None)  # as if not installed
+    elif __import__("importlib").util.find_spec("safetensors") is None:
+        pytest.skip("pip install safetensors")
+    src, files = exported(kind, tmp_path)
+    assert [f.split("/")[-1] for f in files] == ["config.json", weights_file]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    weights = MD.read_file(files[1])
+    expected = to_huggingface(src.state_dict())  # HuggingFace's layout, as written independently above
+    assert sorted(weights) == sorted(expected) and all(torch.equal(weights[k], v) for k, v in expected.items())
+    if kind == "finetune":
+        assert config["architectures"] == ["VideoMAEForVideoClassification"] and config["use_mean_pooling"]
+        assert config["id2label"] == {"0": "run", "1": "jump", "2": "swim"}
+        assert MD.checkpoint_config(files[1]) == {"model": "tiny", "input_size": 32, "num_frames": 4,
+                                                  "classes": ["run", "jump", "swim"]}
+    else:
+        assert config["architectures"] == ["VideoMAEForPreTraining"] and not config["use_mean_pooling"]
+    dst = __import__("copy").deepcopy(src)
+    dst.load_state_dict({k: torch.zeros_like(v) for k, v in dst.state_dict().items()})
+    assert MD.load_checkpoint(dst, files[1]) == ([], [])
+    for key, value in src.state_dict().items():
+        assert torch.equal(value, dst.state_dict()[key]), key
+
+
+def test_exported_models_compute_what_ours_do_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    video = torch.randn(2, 3, 4, 32, 32)
+    m = M.tube_mask(2, (2, 2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    ours, _ = exported("pretrain", tmp_path / "p")
+    theirs = transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / "p" / "hf").eval()
+    with torch.no_grad():  # transformers takes clips as (B, T, C, H, W)
+        loss, pred = ours(video, m)
+        out = theirs(pixel_values=video.transpose(1, 2), bool_masked_pos=m)
+    torch.testing.assert_close(out.loss, loss)  # float32 rounding: rtol 1.3e-6, atol 1e-5
+    torch.testing.assert_close(out.logits, pred)
+    ours, _ = exported("finetune", tmp_path / "f")
+    theirs = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "f" / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixel_values=video.transpose(1, 2)).logits, ours(video))
+    assert theirs.config.id2label == {0: "run", 1: "jump", 2: "swim"}
+
+
 # ----------------------------------------------------------------------------- training pieces
 
 def test_param_groups_layer_decay_and_no_decay_on_biases():
@@ -822,7 +881,7 @@ def test_pretrain_decoder_mask_repeated_sampling_and_nonfinite_stop(tmp_path, tw
     assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 0  # the last good one
 
 
-def test_finetune_learns_a_separable_set_and_evals_a_pretraining_checkpoint(tmp_path, two_classes, capsys):
+def test_finetune_learns_a_separable_set_evals_and_predicts(tmp_path, two_classes, capsys, monkeypatch):
     pre = tmp_path / "pre"
     pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--output_dir", str(pre)])
     out = tmp_path / "ft"
@@ -845,6 +904,32 @@ def test_finetune_learns_a_separable_set_and_evals_a_pretraining_checkpoint(tmp_
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval"])
     assert stop.value.code == 2 and "--eval needs the weights" in capsys.readouterr().err
+    # --predict: no data set read or built; class names from the checkpoint; an unreadable video gets one line
+    monkeypatch.setattr(data, "make_demo_dataset", lambda *a, **k: pytest.fail("--predict built the demo set"))
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"not a video")
+    videos = [str(two_classes / "dark" / "4.avi"), str(broken), str(two_classes / "bright" / "4.avi")]
+    views = ["--test_num_segment", "2", "--test_num_crop", "3", "--sampling_rate", "2", "--device", "cpu"]
+
+    def predict(weights, out_dir):
+        finetune.main(["--predict", *videos, *views, "--finetune", str(weights), "--output_dir", str(out_dir)])
+        return [json.loads(line) for line in open(out_dir / "predictions.jsonl")], capsys.readouterr().out
+
+    rows, printed = predict(out / "checkpoint-latest.pth", tmp_path / "predict")
+    assert "broken.avi: not a readable video" in printed and printed.count("\n") < 12
+    assert [r["video"] for r in rows] == videos and "error" in rows[1]
+    assert [rows[0]["top5"][0][0], rows[2]["top5"][0][0]] == ["dark", "bright"]
+    assert all(math.isclose(sum(p for _, p in r["top5"]), 1, rel_tol=1e-5) for r in (rows[0], rows[2]))  # 2 classes
+    # exported to HuggingFace's layout: the sizes and id2label come from its config.json, the predictions agree
+    exported = MD.export_huggingface(out / "checkpoint-latest.pth", tmp_path / "hf")[1]
+    rows_hf, printed = predict(exported, tmp_path / "predict-hf")
+    assert "--model tiny, --input_size 32, --num_frames 4" in printed
+    for ours, theirs in zip(rows[::2], rows_hf[::2]):
+        assert [n for n, _ in ours["top5"]] == [n for n, _ in theirs["top5"]]
+        np.testing.assert_allclose([p for _, p in ours["top5"]], [p for _, p in theirs["top5"]], rtol=1e-5)
+    with pytest.raises(SystemExit) as stop:  # a pre-training checkpoint has no head
+        finetune.main(["--predict", videos[0], *views, "--finetune", str(pre / "checkpoint-latest.pth")])
+    assert "fine-tune it first" in str(stop.value.code)
 
 
 def torchrun(script, *argv, cwd):
