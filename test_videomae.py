@@ -416,6 +416,38 @@ def test_merge_views_averages_each_video_once():
     assert seen.tolist() == [True, True, True, False]
 
 
+def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
+    from pretrain import curves_png, nice_ticks
+    for lo, hi in [(0.0114, 0.429), (4e-5, 0.0156), (0.41, 0.41), (4.51, 4.62), (0, 29)]:
+        ticks = nice_ticks(lo, hi)
+        step = ticks[1] - ticks[0]
+        assert ticks[0] <= lo + 1e-12 and ticks[-1] >= hi - 1e-12 and 2 <= len(ticks) <= 7  # up to float rounding
+        assert any(math.isclose(step, m * 10.0 ** k) for m in (1, 2, 5) for k in range(-8, 4))
+    log = tmp_path / "log.jsonl"
+    rows = [{"config": {}}] + [{"epoch": e, "loss": 1 / (e + 1), "lr": 0.01, "knn_top1": 0.2 * e} for e in range(4)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"test": {"top1": 0.5}}]))
+    curves_png(log, tmp_path / "curves.png")
+    img = cv2.imread(str(tmp_path / "curves.png"))
+    assert img.shape == (250, 3 * 360, 3)  # loss, lr, k-NN probe: one panel each
+    curve = (img == (170, 80, 20)).all(-1)  # the curves' colour
+    assert all(curve[:, k * 360:(k + 1) * 360].sum() > 50 for k in range(3))
+
+
+def test_confusion_png_prints_each_share_in_its_cell():
+    from finetune import confusion_png
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        # true 0 0 1 1 2 2 -> predicted 0 0 1 2 2 2: rows share 1, 0.5/0.5, 1
+        confusion_png(torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 0, 1, 1, 2, 2]), ["a", "b", "c"], f"{d}/c.png")
+        img = cv2.imread(f"{d}/c.png")
+        full, half = ((img == colour).all(-1).sum() for colour in [(255, 105, 40), (255, 180, 147)])
+        assert 2 * 50 ** 2 < full < 2 * 64 ** 2 and 2 * 50 ** 2 < half < 2 * 64 ** 2  # two cells each, 64 px
+        labels = torch.arange(101).repeat_interleave(3)
+        confusion_png(labels.roll(1), labels, [f"class name {c}" for c in range(101)], f"{d}/c101.png")
+        img = cv2.imread(f"{d}/c101.png")
+        assert 101 * 18 < img.shape[0] < 2200 and 101 * 18 < img.shape[1] < 2600  # 18-pixel cells for UCF101
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -843,6 +875,7 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
         assert all(key in r for r in log[1:])
     assert all(math.isfinite(r["loss"]) for r in log[1:]) and log[-1]["loss"] < log[1]["loss"]
     assert (out / "recon-0003.png").exists() and cv2.imread(str(out / "recon-0003.png")) is not None
+    assert cv2.imread(str(out / "curves.png")).shape == (250, 2 * 360, 3)  # loss and lr
     # a run stopped after epoch 1: its newest checkpoint is the numbered one of epoch 1
     resumed = tmp_path / "b"
     resumed.mkdir()
@@ -895,6 +928,7 @@ def test_finetune_learns_a_separable_set_evals_and_predicts(tmp_path, two_classe
     assert test["num_videos"] == 5 and test["views"] == 6 and test["top1"] == 1.0 and test["mean_class_acc"] == 1.0
     assert all(0 <= test[k] <= 1 for k in ("top1", "top5", "mean_class_acc"))
     assert (out / "confusion.png").exists() and all("val_top1" in r for r in read_log(out)[1:-1])
+    assert cv2.imread(str(out / "curves.png")).shape == (250, 3 * 360, 3)  # loss, lr, validation top-1
     # --eval alone reproduces the final test of the saved weights; sizes come from the checkpoint's config
     finetune.main(["--data_path", str(two_classes), "--eval", "--test_num_segment", "2", "--test_num_crop", "3",
                    "--num_workers", "0", "--device", "cpu", "--resume", str(out / "checkpoint-latest.pth"),
