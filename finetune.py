@@ -8,8 +8,11 @@
 Training, checkpoints, resuming and logging work as in pretrain.py (whose shared half this script uses).
 """
 import functools
+import json
 import os
 import re
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,8 +21,9 @@ import torch.nn.functional as F
 
 import data
 import model as models
-from pretrain import (Run, atomic_write, common_parser, finish_args, knn_probe, make_loader, param_groups, per_video,
-                      resume_path, setup, start_epoch, train_epoch, training_subset, wrap)
+from pretrain import (Context, Run, all_sum, atomic_write, autocast, common_parser, finish_args, knn_probe, make_loader,
+                      param_groups, per_video, put, resume_path, setup, start_epoch, text_width, train_epoch,
+                      training_subset, wrap)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/finetune.sh,
 # ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in pretrain.py.
@@ -71,9 +75,11 @@ def main(argv=None):
     arg("--eval", action="store_true", help="only test the weights of --finetune or --resume")
     arg("--knn", action="store_true", help="only score the frozen encoder of --finetune by k-NN (k 20, cosine "
                                            "similarity of mean-pooled features) from the training to the test videos")
+    arg("--predict", nargs="+", metavar="VIDEO", help="print the top-5 classes of each video (multi-view test) "
+                                                       "with the weights of --finetune; needs no data set")
     args = finish_args(parser, argv, RECIPES, DEMO)
-    if args.eval and not (args.finetune or args.resume):
-        parser.error("--eval needs the weights to test: --finetune PATH or --resume PATH")
+    if (args.eval or args.predict) and (args.finetune or args.resume) in (None, "none"):
+        parser.error(f"--{'predict' if args.predict else 'eval'} needs the weights to test: --finetune PATH or --resume PATH")
     for name in ("finetune", "resume"):
         if getattr(args, name) not in (None, "none") and not os.path.isfile(getattr(args, name)):
             parser.error(f"--{name} {getattr(args, name)} is not a file")
@@ -81,36 +87,24 @@ def main(argv=None):
         aa = parse_aa(args.aa)
     except ValueError as e:
         parser.error(str(e))
+    if args.predict:
+        return predict(args, Context(args))
     ctx = setup(args)
 
     train_samples, classes = data.load_samples(args.data_path, args.data_set, args.split, train=True)
     train_samples = training_subset(train_samples, args)
     test_samples, _ = data.load_samples(args.data_path, args.data_set, args.split, train=False)
     args.nb_classes = args.nb_classes or len(classes)
+    args.classes = classes  # saved in every checkpoint's config: --predict names its classes
     labels = [label for _, label in train_samples + test_samples]
     if min(labels) < 0 or max(labels) >= args.nb_classes:
         parser.error(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; --nb_classes {args.nb_classes} does not fit")
-    resuming = None if args.eval else resume_path(args)  # a training run's checkpoint: its weights replace any others
+    resuming = None if args.eval or args.knn else resume_path(args)  # a training run's checkpoint: its weights replace any others
     weights = None if resuming else args.finetune or (args.resume if args.eval else None)
     if weights is None and args.demo and not resuming and os.path.exists(DEMO_PRETRAINED):
         weights = DEMO_PRETRAINED
     weights = None if weights == "none" else weights
-    if resuming or weights:  # this project's checkpoints say what they hold
-        saved = models.read_file(resuming or weights).get("config") or {}
-        inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
-        if inherited:
-            vars(args).update(inherited)
-            ctx.print("from the checkpoint's config: " + ", ".join(f"--{k} {v}" for k, v in inherited.items()))
-    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
-                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
-                             head_drop_rate=args.head_drop_rate)
-    net.grad_checkpointing = args.grad_ckpt
-    if weights:
-        ctx.print(f"initial weights: {weights}")
-        models.load_checkpoint(net, weights, verbose=ctx.main)
-    elif not resuming:
-        ctx.print("no --finetune checkpoint: training from scratch")
-    net.to(ctx.device)
+    net, _ = build_classifier(args, weights, ctx, resuming)
     test_set = data.VideoDataset(test_samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                  sampling=args.sampling, test_num_segment=args.test_num_segment,
                                  test_num_crop=args.test_num_crop, seed=args.seed, in_memory=args.in_memory and not args.knn)
@@ -152,6 +146,66 @@ def main(argv=None):
         run.end_epoch(epoch, stats)
     evaluate(net, test_set, args, ctx, run, classes)
     run.close()
+
+
+def build_classifier(args, weights, ctx, resuming=None):
+    """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input size, frames and
+    stride not given as flags come from the configuration of the checkpoint to resume, else of `weights`.
+    Returns (net, that configuration)."""
+    saved = models.checkpoint_config(resuming or weights) if resuming or weights else {}
+    inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
+    if inherited:
+        vars(args).update(inherited)
+        ctx.print("from the checkpoint's config: " + ", ".join(f"--{k} {v}" for k, v in inherited.items()))
+    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
+                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
+                             head_drop_rate=args.head_drop_rate)
+    net.grad_checkpointing = args.grad_ckpt
+    if weights:
+        ctx.print(f"initial weights: {weights}")
+        models.load_checkpoint(net, weights, verbose=ctx.main)
+    elif not resuming:
+        ctx.print("no --finetune checkpoint: training from scratch")
+    return net.to(ctx.device), saved
+
+
+def class_name(names, label):
+    return names[label] if label < len(names) else f"class {label}"
+
+
+def predict(args, ctx):
+    """--predict: each video's top-5 classes by name, from its test_num_segment x test_num_crop views' averaged
+    softmax; printed, and written to predictions.jsonl. An unreadable video gets one line; the others still run."""
+    weights = args.finetune or args.resume
+    head = models.canonical_weights(models.read_file(weights)).get("head.bias")
+    if head is None:
+        sys.exit(f"{weights} has no classification head (a pre-training checkpoint): fine-tune it first, "
+                 f"python finetune.py --finetune {weights} --data_path YOUR_DATA, then predict with that checkpoint")
+    args.nb_classes = len(head)
+    net, saved = build_classifier(args, weights, ctx)
+    net.eval()
+    names = saved.get("classes") or []
+    dataset = data.VideoDataset([(video, -1) for video in args.predict], "test", args.num_frames, args.sampling_rate,
+                                args.input_size, sampling=args.sampling, test_num_segment=args.test_num_segment,
+                                test_num_crop=args.test_num_crop, seed=args.seed)
+    records = []
+    for i, video in enumerate(args.predict):
+        try:
+            views = torch.from_numpy(dataset._load(i))  # (V, T, H, W, 3); raises where __getitem__ would substitute
+        except data.VideoReadError as error:
+            ctx.print(f"{error}; skipped")
+            records.append({"video": video, "error": str(error)})
+            continue
+        with torch.no_grad(), autocast(args, ctx):
+            logits = torch.cat([net(data.normalize(v.to(ctx.device))) for v in views.split(args.batch_size)])
+        top = logits.float().softmax(-1).mean(0).topk(min(5, args.nb_classes))  # the views' probabilities averaged
+        top5 = [[class_name(names, c), p] for p, c in zip(top.values.tolist(), top.indices.tolist())]
+        ctx.print(f"{video}: " + ", ".join(f"{name} {p:.1%}" for name, p in top5))
+        records.append({"video": video, "top5": top5})
+    path = os.path.join(args.output_dir, "predictions.jsonl")
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    ctx.print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- per-clip augmentation (data workers)
@@ -321,19 +375,62 @@ def evaluate(net, dataset, args, ctx, run, classes):
         name = f"confusion-eval{k}.png"
     path = os.path.join(args.output_dir, name)
     if ctx.main:
-        confusion_png(pred, labels, len(classes) if classes else args.nb_classes, path)
+        names = [class_name(classes, c) for c in range(args.nb_classes)]
+        confusion_png(pred, labels, names, path)
         ctx.print(f"confusion matrix: {path}")
     return scores
 
 
-def confusion_png(pred, labels, num_classes, path):
-    """Row = true class, column = predicted; each row scaled to its own count (white 0, black all)."""
-    cm = np.zeros((num_classes, num_classes))
-    np.add.at(cm, (labels.numpy(), pred.numpy()), 1)
-    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    cell = max(4, 600 // num_classes)
-    img = cv2.resize((255 * (1 - cm)).astype(np.uint8), None, fx=cell, fy=cell, interpolation=cv2.INTER_NEAREST)
+def confusion_png(pred, labels, names, path, listed=30):
+    """The confusion matrix as a picture that reads alone: true class down, predicted across, both named; each
+    cell the share of the true class's test videos, in percent (blank: none); beside it, the most-confused pairs
+    by name. Cells shrink with the class count, to 18 pixels for UCF101's 101 classes."""
+    K = len(names)
+    counts = np.zeros((K, K), np.int64)
+    np.add.at(counts, (labels.numpy(), pred.numpy()), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (true, predicted); each row sums to one
+    cell = int(np.clip(1100 // K, 18, 64))
+    font = min(0.5, cell / 60)
+    grid = np.full((K * cell, K * cell, 3), 255, np.uint8)
+    for t, p in zip(*np.nonzero(counts)):
+        grid[t * cell:(t + 1) * cell, p * cell:(p + 1) * cell] = (255, 255 - 150 * share[t, p], 255 - 215 * share[t, p])
+        put(grid, f"{100 * share[t, p]:.0f}", (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font,  # centred
+            (255, 255, 255) if share[t, p] > 0.5 else (0, 0, 0), align=0.5)
+    grid[::cell], grid[:, ::cell] = 200, 200  # lines between cells
+    grid[-1], grid[:, -1] = 200, 200
+    label_w = min(160, max(text_width(name, font) for name in names) + 8)  # longer names are cut
+    off_diagonal = sorted(zip(*np.nonzero(counts * (1 - np.eye(K, dtype=np.int64)))), key=lambda tp: -share[tp])[:listed]
+    band, title_h = 24, 56  # the axis titles' band, the title above
+    top, left = title_h + band + label_w, band + label_w  # the grid's corner
+    height = max(K * cell, 20 * len(off_diagonal) + 24)
+    img = np.full((top + height + 10, max(left + K * cell + 420, 760), 3), 255, np.uint8)
+    img[top:top + K * cell, left:left + K * cell] = grid
+    img[top:top + K * cell, band:left] = name_strip(names, cell, label_w, font, align=1)
+    img[title_h + band:top, left:left + K * cell] = cv2.rotate(name_strip(names, cell, label_w, font, align=0),
+                                                                cv2.ROTATE_90_COUNTERCLOCKWISE)  # read bottom to top
+    put(img, "predicted class", left + K * cell / 2, title_h + band - 8, 0.5, align=0.5)
+    true_title = np.full((band, K * cell, 3), 255, np.uint8)
+    put(true_title, "true class", K * cell / 2, band - 8, 0.5, align=0.5)
+    img[top:top + K * cell, :band] = cv2.rotate(true_title, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    put(img, f"confusion on {counts.sum()} test videos, top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}", 8, 20, 0.5)
+    put(img, "row: true class; cell: % of its videos predicted as the column's class (blank: 0%)", 8, 42, 0.45)
+    x, y = left + K * cell + 16, top + 14
+    put(img, "most confused: true -> predicted, % of true", x, y, 0.45)
+    for t, p in off_diagonal:
+        y += 20
+        put(img, f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} ({counts[t, p]} of {counts[t].sum()})", x, y, 0.45)
     atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
+
+
+def name_strip(names, cell, width, font, align):
+    """The class names one per cell-high row, cut to the width, ending at its right edge (align 1) or starting at
+    its left edge (align 0)."""
+    strip = np.full((len(names) * cell, width, 3), 255, np.uint8)
+    for i, name in enumerate(names):
+        while len(name) > 1 and text_width(name, font) > width - 6:
+            name = name[:-1]
+        put(strip, name, width - 4 if align else 4, (i + 0.5) * cell + 11 * font, font, align=align)
+    return strip
 
 
 if __name__ == "__main__":

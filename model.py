@@ -5,8 +5,12 @@ VideoViT  the same encoder over every token, mean pooling and a linear head, for
 load_checkpoint  weights from this project, the reference code (pre-training or fine-tuned) or HuggingFace.
 """
 import argparse
+import json
 import math
+import os
+import re
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -333,30 +337,64 @@ def build_model(kind, preset, **kwargs):
 
 # ----------------------------------------------------------------------------- loading weights people already have
 
-_HF_NAMES = [  # HuggingFace name piece -> reference name piece, inside one transformer layer or at the top
-    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("attention.attention.q_bias", "attn.q_bias"),
-    ("attention.attention.v_bias", "attn.v_bias"), ("attention.attention.query.bias", "attn.q_bias"),
-    ("attention.attention.value.bias", "attn.v_bias"), ("attention.output.dense.", "attn.proj."),
-    ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."), ("intermediate.dense.", "mlp.fc1."),
-    ("output.dense.", "mlp.fc2."), ("encoder.layer.", "blocks."), ("decoder.decoder_layers.", "decoder.blocks."),
-    ("layernorm.", "norm."), ("classifier.", "head."),
+_HF_TOP = [  # the start of a HuggingFace key <-> the same tensor's key in the reference's pre-training layout
+    ("videomae.embeddings.patch_embeddings.projection.", "encoder.patch_embed.proj."),
+    ("videomae.encoder.layer.", "encoder.blocks."), ("videomae.layernorm.", "encoder.norm."),
+    ("decoder.decoder_layers.", "decoder.blocks."), ("classifier.", "head."),
 ]
+_HF_BLOCK = [  # inside one transformer layer, after its index; the first pair matching a name wins
+    ("attention.attention.q_bias", "attn.q_bias"), ("attention.attention.v_bias", "attn.v_bias"),
+    ("attention.attention.query.bias", "attn.q_bias"), ("attention.attention.value.bias", "attn.v_bias"),  # v5 names
+    ("attention.output.dense.", "attn.proj."), ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."), ("output.dense.", "mlp.fc2."),
+]
+_HF_QKV = ("attention.attention.query.weight", "attention.attention.key.weight", "attention.attention.value.weight")
 _DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
-def _from_huggingface(sd):
-    """HuggingFace VideoMAE names -> the reference's names; q, k, v matrices stacked into one qkv (rows q, k, v)."""
+def _rename(key, to_hf):
+    """One key from HuggingFace's names to the reference's, or back (to_hf), by the two tables above."""
+    src, dst = (1, 0) if to_hf else (0, 1)
+    for pair in _HF_TOP:
+        if key.startswith(pair[src]):
+            key = pair[dst] + key[len(pair[src]):]
+            break
+    layer = re.fullmatch(r"(.*?\.\d+\.)(.*)", key)  # ('encoder.blocks.3.', 'attn.proj.weight')
+    for pair in _HF_BLOCK if layer else []:
+        if layer[2].startswith(pair[src]):
+            return layer[1] + pair[dst] + layer[2][len(pair[src]):]
+    return key
+
+
+def _convert(sd, to_hf):
+    """HuggingFace VideoMAE names -> the reference's, or back (to_hf). The reference's one qkv matrix is
+    HuggingFace's query, key and value matrices stacked in rows. Biases are written as the files on the hub
+    spell them (q_bias, v_bias), which transformers 4 and 5 both read."""
+    if not to_hf:  # a VideoMAEModel's keys lack the 'videomae.' prefix
+        sd = {("videomae." + k if k.startswith(("embeddings.", "encoder.layer.", "layernorm.")) else k): v for k, v in sd.items()}
     out = {}
     for key, value in sd.items():
-        key = key.removeprefix("videomae.")
-        for hf, ref in _HF_NAMES:
-            key = key.replace(hf, ref)
-        out[key] = value
-    for key in [k for k in out if k.endswith("attention.attention.query.weight")]:
-        stem = key.removesuffix("attention.attention.query.weight")
-        out[stem + "attn.qkv.weight"] = torch.cat([out.pop(stem + f"attention.attention.{n}.weight")
-                                                   for n in ("query", "key", "value")])
+        if to_hf and key.endswith("attn.qkv.weight"):
+            stem = _rename(key.removesuffix("attn.qkv.weight"), to_hf)
+            out.update({stem + name: part.contiguous() for name, part in zip(_HF_QKV, value.chunk(3))})
+        elif not to_hf and key.endswith(_HF_QKV[0]):
+            stem = key.removesuffix(_HF_QKV[0])
+            out[_rename(stem, to_hf) + "attn.qkv.weight"] = torch.cat([sd[stem + name] for name in _HF_QKV])
+        elif to_hf or not key.endswith(_HF_QKV[1:]):
+            out[_rename(key, to_hf)] = value.contiguous()
     return out
+
+
+def canonical_weights(ckpt):
+    """The weights of a checkpoint in any known format, named as in the reference's pre-training checkpoint
+    (encoder weights under 'encoder.'). Fixed positions are dropped: they are rebuilt, never loaded."""
+    # weights under 'model' (this project, reference pre-training), 'module' (reference fine-tuning), 'state_dict'
+    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+    if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
+        sd = _convert(sd, to_hf=False)
+    return {k if k.startswith(("encoder.", "fc_norm.", "head.") + _DECODER_KEYS) else "encoder." + k: v
+            for k, v in sd.items() if "pos_embed" not in k}
 
 
 def read_file(path):
@@ -386,14 +424,7 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     from_file = not isinstance(path_or_state_dict, dict)
     ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
-    # weights under 'model' (this project, reference pre-training), 'module' (reference fine-tuning), 'state_dict'
-    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
-    sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
-    if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
-        sd = _from_huggingface(sd)
-    # Canonical form: encoder weights under 'encoder.', as in a reference pre-training checkpoint.
-    sd = {k if k.startswith(("encoder.", "fc_norm.", "head.") + _DECODER_KEYS) else "encoder." + k: v
-          for k, v in sd.items() if "pos_embed" not in k}  # fixed positions are rebuilt, never loaded
+    sd = canonical_weights(ckpt)
     own, notes = model.state_dict(), []
     if isinstance(model, VideoViT):
         if any(k.startswith(_DECODER_KEYS) for k in sd):
@@ -420,3 +451,74 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
               + (f"; MISSING: {', '.join(k for k in missing if k not in fresh)}" if len(missing) > len(fresh) else "")
               + (f"; ignored: {', '.join(unexpected)}" if unexpected else ""))
     return missing, unexpected
+
+
+# ----------------------------------------------------------------------------- sharing weights: the HuggingFace layout
+
+_HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "decoder_embed_dim": "decoder_hidden_size", "decoder_depth": "decoder_num_hidden_layers",
+             "decoder_num_heads": "decoder_num_attention_heads"}  # a preset's sizes -> config.json's names
+
+
+def checkpoint_config(path):
+    """The run configuration a checkpoint carries: this project's 'config', else what HuggingFace's config.json
+    beside the weights says (preset, input size, frames, class names), else {}."""
+    saved, beside = read_file(path).get("config"), Path(path).parent / "config.json"
+    if saved or not beside.is_file():
+        return saved or {}
+    hf = json.loads(beside.read_text())
+    labels = hf.get("id2label", {})
+    presets = [name for name, p in PRESETS.items() if all(hf.get(_HF_SIZES[k]) == p[k] for k in ("embed_dim", "depth", "num_heads"))]
+    config = {"model": presets[0] if presets else None, "input_size": hf.get("image_size"),
+              "num_frames": hf.get("num_frames"), "classes": [labels[str(i)] for i in range(len(labels))]}
+    return {k: v for k, v in config.items() if v}
+
+
+def export_huggingface(path, out_dir):
+    """Write a checkpoint (any format load_checkpoint reads) to out_dir as transformers' VideoMAEForPreTraining or,
+    with a head, VideoMAEForVideoClassification saves itself: config.json, and model.safetensors (pytorch_model.bin
+    without the safetensors package). The inverse of load_checkpoint. Returns the paths written."""
+    from pretrain import atomic_write  # the shared writer (pretrain.py imports this module, so not at the top)
+    config, sd = checkpoint_config(path), canonical_weights(read_file(path))
+    width = sd["encoder.patch_embed.proj.weight"].shape[0]
+    preset = config.get("model") or next((name for name, p in PRESETS.items() if p["embed_dim"] == width), "base")
+    kind = "finetune" if "head.weight" in sd else "pretrain"
+    img_size, num_frames = config.get("input_size", 224), config.get("num_frames", 16)
+    norm_pix_loss = not config.get("no_norm_pix_loss")
+    extra = dict(num_classes=len(sd["head.bias"])) if kind == "finetune" else dict(norm_pix_loss=norm_pix_loss)
+    net = build_model(kind, preset, img_size=img_size, num_frames=num_frames, **extra)
+    missing, _ = load_checkpoint(net, sd, verbose=False)  # checks every shape against the preset
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}; only a complete model can be exported")
+    sizes = PRESETS[preset]
+    hf = dict(architectures=["VideoMAEForVideoClassification" if kind == "finetune" else "VideoMAEForPreTraining"],
+              model_type="videomae", image_size=img_size, num_frames=num_frames, patch_size=PATCH_SIZE,
+              tubelet_size=TUBELET_SIZE, intermediate_size=4 * sizes["embed_dim"], layer_norm_eps=1e-6,
+              decoder_intermediate_size=4 * sizes["decoder_embed_dim"], norm_pix_loss=norm_pix_loss,
+              use_mean_pooling=kind == "finetune", **{hf_name: sizes[k] for k, hf_name in _HF_SIZES.items()})
+    if kind == "finetune":  # classifiers pool into fc_norm; pre-training models end in a layernorm
+        names = config.get("classes") or [f"class {i}" for i in range(len(sd["head.bias"]))]
+        hf.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
+    weights = _convert(canonical_weights(net.state_dict()), to_hf=True)
+    try:
+        from safetensors.torch import save_file
+        name, save = "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"format": "pt"})
+    except ImportError:  # transformers reads either file
+        name, save = "pytorch_model.bin", lambda tmp: torch.save(weights, tmp)
+    os.makedirs(out_dir, exist_ok=True)
+    files = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, name)]
+    atomic_write(files[0], lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+    atomic_write(files[1], save)
+    print(f"wrote {' and '.join(files)}: {hf['architectures'][0]}, {preset}, {img_size} px, {num_frames} frames"
+          + (f", {len(names)} classes" if kind == "finetune" else ""))
+    return files
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Export a checkpoint in the layout of HuggingFace transformers.")
+    parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True,
+                        help="write OUT_DIR/config.json and the weights, for from_pretrained(OUT_DIR)")
+    checkpoint, out = parser.parse_args().export
+    if not os.path.isfile(checkpoint):
+        parser.error(f"--export {checkpoint} is not a file")
+    export_huggingface(checkpoint, out)

@@ -230,19 +230,20 @@ def finish_args(parser, argv, recipes, demo):
     """Parse, fill every flag not given from the recipe (the demo's values over K400's without --data_path) and
     reject bad values with one line."""
     args = parser.parse_args(argv)
-    args.demo = args.data_path is None
+    args.demo = args.data_path is None and not getattr(args, "predict", None)  # finetune.py --predict reads no data set
     if args.demo:
         args.data_path, args.data_set = str(data.make_demo_dataset("data/demo")), "list"
-    elif not os.path.exists(args.data_path):
+    elif args.data_path is not None and not os.path.exists(args.data_path):
         parser.error(f"--data_path {args.data_path} does not exist")
-    args.data_set = args.data_set or data.guess_data_set(args.data_path)
+    args.data_set = args.data_set or (data.guess_data_set(args.data_path) if args.data_path else None)
     args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
     recipe = {**recipes[args.recipe], **demo} if args.demo else recipes[args.recipe]
     args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # flags not given
     for key in args.recipe_defaults:
         setattr(args, key, recipe[key])
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{'demo' if args.demo else args.data_set}")
+    run = "predict" if getattr(args, "predict", None) else "demo" if args.demo else args.data_set or "data"
+    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_workers is None:  # clips cut from frames held in memory cost less than starting worker processes
         args.num_workers = 0 if args.in_memory else min(8, os.cpu_count() or 1)
@@ -567,6 +568,63 @@ def resume_path(args):
     return args.resume or (latest if os.path.exists(latest) else None)
 
 
+CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
+          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
+
+
+def curves_png(log_path, path):
+    """curves.png: one panel for each figure of CURVES that log.jsonl holds, against the epoch."""
+    records = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if "epoch" in r]
+    panels = [plot([(r["epoch"], r[key]) for r in records if key in r], title, percent=key.endswith("top1"))
+              for key, title in CURVES.items() if any(key in r for r in records)]
+    atomic_write(path, lambda tmp: cv2.imwrite(tmp, np.hstack(panels)), suffix=".png")
+
+
+def plot(points, title, percent=False, W=360, H=250, left=62, right=18, top=34, bottom=40):
+    """A line chart drawn with OpenCV: the title and the last value above, values up the y axis, epochs along x."""
+    img = np.full((H, W, 3), 255, np.uint8)
+    x, y = np.array(points, dtype=float).T
+    ticks = nice_ticks(0, 1) if percent else nice_ticks(y.min(), y.max())
+    epochs = np.unique(nice_ticks(x.min(), x.max() + 1).round())  # whole epochs; one epoch still spans an axis
+    rows = np.interp(ticks, (ticks[0], ticks[-1]), (H - bottom, top)).astype(int)
+    cols = np.interp(epochs, (epochs[0], epochs[-1]), (left, W - right)).astype(int)
+    fmt = "{:.0%}" if percent else "{:.3g}"
+    for tick, row in zip(ticks, rows):
+        cv2.line(img, (left, row), (W - right, row), (225, 225, 225), 1)
+        put(img, fmt.format(tick), left - 5, row + 4, align=1)
+    for epoch, col in zip(epochs, cols):
+        cv2.line(img, (col, H - bottom), (col, H - bottom + 4), (0, 0, 0), 1)
+        put(img, f"{epoch:.0f}", col, H - bottom + 17, align=0.5)
+    cv2.rectangle(img, (left, top), (W - right, H - bottom), (0, 0, 0), 1)
+    line = np.stack([np.interp(x, epochs[[0, -1]], (left, W - right)),
+                     np.interp(y, ticks[[0, -1]], (H - bottom, top))], axis=1).round().astype(np.int32)  # (n, 2)
+    cv2.polylines(img, [line], False, (170, 80, 20), 2, cv2.LINE_AA)
+    for point in line if len(line) <= 20 else []:  # a single epoch shows as a dot
+        cv2.circle(img, (int(point[0]), int(point[1])), 3, (170, 80, 20), -1, cv2.LINE_AA)
+    put(img, "epoch", (left + W - right) / 2, H - 6, align=0.5)
+    put(img, f"{title}: {fmt.format(y[-1])}", left, top - 12, scale=0.45)
+    return img
+
+
+def nice_ticks(lo, hi, most=6):
+    """Round values (steps of 1, 2 or 5 times a power of ten) from at or below lo to at or above hi."""
+    span = max(hi - lo, abs(hi) * 0.1, 1e-12)
+    unit = 10 ** math.floor(math.log10(span / most))
+    step = next(m * unit for m in (1, 2, 5, 10) if span / (m * unit) <= most)
+    first = math.floor(lo / step)
+    return np.arange(first, max(math.ceil(hi / step), first + 1) + 1) * step
+
+
+def put(img, text, x, y, scale=0.4, color=(0, 0, 0), align=0.0):
+    """OpenCV text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x (1)."""
+    x = x - align * text_width(text, scale)
+    cv2.putText(img, text, (int(x), int(y)), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+
+
+def text_width(text, scale):
+    return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+
+
 class Run:
     """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one. Without an optimizer,
     an evaluation: it appends its lines to the log and leaves every earlier file alone."""
@@ -615,6 +673,8 @@ class Run:
         run is killed, the log holds every epoch of the newest checkpoint, and a resume drops the lines past it."""
         args, ctx = self.args, self.ctx
         self.log(stats)
+        if ctx.main:
+            curves_png(self.log_path, os.path.join(args.output_dir, "curves.png"))
         if ctx.main:
             ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(args)}

@@ -372,6 +372,65 @@ def test_wrong_checkpoints_give_clear_errors(tmp_path):
         MD.load_checkpoint(tiny_mae(), path)
 
 
+def exported(kind, tmp_path):
+    """A tiny-preset model with random weights, saved as this project's checkpoint and exported."""
+    torch.manual_seed(0)
+    extra = dict(num_classes=3) if kind == "finetune" else dict(norm_pix_loss=True)
+    net = MD.build_model(kind, "tiny", img_size=32, num_frames=4, **extra)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    config = {"model": "tiny", "input_size": 32, "num_frames": 4, "classes": ["run", "jump", "swim"]}
+    tmp_path.mkdir(exist_ok=True)
+    torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, tmp_path / "checkpoint.pth")
+    return net.eval(), MD.export_huggingface(tmp_path / "checkpoint.pth", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_export_to_huggingface_round_trips_every_tensor(kind, weights_file, tmp_path, monkeypatch):
+    if weights_file == "pytorch_model.bin":
+        monkeypatch.setitem(__import__("sys").modules, "safetensors.torch", None)  # as if not installed
+    elif __import__("importlib").util.find_spec("safetensors") is None:
+        pytest.skip("pip install safetensors")
+    src, files = exported(kind, tmp_path)
+    assert [f.split("/")[-1] for f in files] == ["config.json", weights_file]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    weights = MD.read_file(files[1])
+    expected = to_huggingface(src.state_dict())  # HuggingFace's layout, as written independently above
+    assert sorted(weights) == sorted(expected) and all(torch.equal(weights[k], v) for k, v in expected.items())
+    if kind == "finetune":
+        assert config["architectures"] == ["VideoMAEForVideoClassification"] and config["use_mean_pooling"]
+        assert config["id2label"] == {"0": "run", "1": "jump", "2": "swim"}
+        assert MD.checkpoint_config(files[1]) == {"model": "tiny", "input_size": 32, "num_frames": 4,
+                                                  "classes": ["run", "jump", "swim"]}
+    else:
+        assert config["architectures"] == ["VideoMAEForPreTraining"] and not config["use_mean_pooling"]
+    dst = __import__("copy").deepcopy(src)
+    dst.load_state_dict({k: torch.zeros_like(v) for k, v in dst.state_dict().items()})
+    assert MD.load_checkpoint(dst, files[1]) == ([], [])
+    for key, value in src.state_dict().items():
+        assert torch.equal(value, dst.state_dict()[key]), key
+
+
+def test_exported_models_compute_what_ours_do_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    video = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    m = M.tube_mask(2, (2, 2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    ours, _ = exported("pretrain", tmp_path / "p")
+    theirs = transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / "p" / "hf").eval()
+    with torch.no_grad():  # transformers takes clips as (B, T, C, H, W)
+        loss, pred = ours(video, m)
+        out = theirs(pixel_values=video.transpose(1, 2), bool_masked_pos=m)
+    torch.testing.assert_close(out.loss, loss)  # float32 rounding: rtol 1.3e-6, atol 1e-5
+    torch.testing.assert_close(out.logits, pred)
+    ours, _ = exported("finetune", tmp_path / "f")
+    theirs = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "f" / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(pixel_values=video.transpose(1, 2)).logits, ours(video))
+    assert theirs.config.id2label == {0: "run", 1: "jump", 2: "swim"}
+
+
 # ----------------------------------------------------------------------------- training pieces
 
 def test_param_groups_layer_decay_and_no_decay_on_biases():
@@ -446,6 +505,38 @@ def test_scores_top1_top5_and_mean_class_accuracy():
     got = score(probs, labels, torch.tensor([True, True, True, False, True]))
     assert got["num_videos"] == 4 and got["top1"] == 1 / 4 and got["top5"] == 3 / 4
     assert got["mean_class_acc"] == pytest.approx((1 / 2 + 0 + 0) / 3)  # classes 0 (1 of 2), 1 and 2 (none)
+
+
+def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
+    from pretrain import curves_png, nice_ticks
+    for lo, hi in [(0.0114, 0.429), (4e-5, 0.0156), (0.41, 0.41), (4.51, 4.62), (0, 29)]:
+        ticks = nice_ticks(lo, hi)
+        step = ticks[1] - ticks[0]
+        assert ticks[0] <= lo + 1e-12 and ticks[-1] >= hi - 1e-12 and 2 <= len(ticks) <= 7  # up to float rounding
+        assert any(math.isclose(step, m * 10.0 ** k) for m in (1, 2, 5) for k in range(-8, 4))
+    log = tmp_path / "log.jsonl"
+    rows = [{"config": {}}] + [{"epoch": e, "loss": 1 / (e + 1), "lr": 0.01, "knn_top1": 0.2 * e} for e in range(4)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"test": {"top1": 0.5}}]))
+    curves_png(log, tmp_path / "curves.png")
+    img = cv2.imread(str(tmp_path / "curves.png"))
+    assert img.shape == (250, 3 * 360, 3)  # loss, lr, k-NN probe: one panel each
+    curve = (img == (170, 80, 20)).all(-1)  # the curves' colour
+    assert all(curve[:, k * 360:(k + 1) * 360].sum() > 50 for k in range(3))
+
+
+def test_confusion_png_prints_each_share_in_its_cell():
+    from finetune import confusion_png
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        # true 0 0 1 1 2 2 -> predicted 0 0 1 2 2 2: rows share 1, 0.5/0.5, 1
+        confusion_png(torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 0, 1, 1, 2, 2]), ["a", "b", "c"], f"{d}/c.png")
+        img = cv2.imread(f"{d}/c.png")
+        full, half = ((img == colour).all(-1).sum() for colour in [(255, 105, 40), (255, 180, 147)])
+        assert 2 * 50 ** 2 < full < 2 * 64 ** 2 and 2 * 50 ** 2 < half < 2 * 64 ** 2  # two cells each, 64 px
+        labels = torch.arange(101).repeat_interleave(3)
+        confusion_png(labels.roll(1), labels, [f"class name {c}" for c in range(101)], f"{d}/c101.png")
+        img = cv2.imread(f"{d}/c101.png")
+        assert 101 * 18 < img.shape[0] < 2200 and 101 * 18 < img.shape[1] < 2600  # 18-pixel cells for UCF101
 
 
 # ----------------------------------------------------------------------------- data
@@ -1044,6 +1135,7 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
         assert 0 < r["recon_val"] and 0 < r["recon_val_mean_visible"] and 0 < r["recon_val_nearest_visible"]
         assert r["knn_top1"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert (out / "recon-0003.png").exists() and cv2.imread(str(out / "recon-0003.png")) is not None
+    assert cv2.imread(str(out / "curves.png")).shape == (250, 2 * 360, 3)  # loss and lr
     # a run stopped after epoch 1: its newest checkpoint is the numbered one of epoch 1
     resumed = tmp_path / "b"
     resumed.mkdir()
@@ -1132,9 +1224,46 @@ def test_finetune_learns_six_classes_resumes_with_the_checkpoints_sizes_and_eval
     assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2" in printed
     assert f"resumed from {ckpt}: epoch 5 of 6" in printed and "from scratch" not in printed
     assert [r["epoch"] for r in read_log(more) if "epoch" in r] == [5]
+    assert cv2.imread(str(out / "curves.png")).shape == (250, 3 * 360, 3)  # loss, lr, validation top-1
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--eval"])
     assert stop.value.code == 2 and "--eval needs the weights" in capsys.readouterr().err
+
+
+def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_classes, capsys, monkeypatch):
+    pre, out = tmp_path / "pre", tmp_path / "ft"
+    pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--output_dir", str(pre)])
+    finetune.main(["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "6", "--blr", "0.02", "--mixup", "0",
+                   "--cutmix", "0", "--smoothing", "0", "--aa", "none", "--reprob", "0", "--drop_path", "0",
+                   "--test_num_segment", "1", "--test_num_crop", "1", "--finetune", str(pre / "checkpoint-latest.pth"),
+                   "--output_dir", str(out)])
+    capsys.readouterr()
+    # --predict: no data set read or built; class names from the checkpoint; an unreadable video gets one line
+    monkeypatch.setattr(data, "make_demo_dataset", lambda *a, **k: pytest.fail("--predict built the demo set"))
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"not a video")
+    videos = [str(two_classes / "dark" / "4.avi"), str(broken), str(two_classes / "bright" / "4.avi")]
+    views = ["--test_num_segment", "2", "--test_num_crop", "3", "--sampling_rate", "2", "--device", "cpu"]
+
+    def predict(weights, out_dir):
+        finetune.main(["--predict", *videos, *views, "--finetune", str(weights), "--output_dir", str(out_dir)])
+        return [json.loads(line) for line in open(out_dir / "predictions.jsonl")], capsys.readouterr().out
+
+    rows, printed = predict(out / "checkpoint-latest.pth", tmp_path / "predict")
+    assert "broken.avi: not a readable video" in printed and printed.count("\n") < 12
+    assert [r["video"] for r in rows] == videos and "error" in rows[1]
+    assert [rows[0]["top5"][0][0], rows[2]["top5"][0][0]] == ["dark", "bright"]
+    assert all(math.isclose(sum(p for _, p in r["top5"]), 1, rel_tol=1e-5) for r in (rows[0], rows[2]))  # 2 classes
+    # exported to HuggingFace's layout: the sizes and id2label come from its config.json, the predictions agree
+    exported = MD.export_huggingface(out / "checkpoint-latest.pth", tmp_path / "hf")[1]
+    rows_hf, printed = predict(exported, tmp_path / "predict-hf")
+    assert "--model tiny, --input_size 32, --num_frames 4" in printed
+    for ours, theirs in zip(rows[::2], rows_hf[::2]):
+        assert [n for n, _ in ours["top5"]] == [n for n, _ in theirs["top5"]]
+        np.testing.assert_allclose([p for _, p in ours["top5"]], [p for _, p in theirs["top5"]], rtol=1e-5)
+    with pytest.raises(SystemExit) as stop:  # a pre-training checkpoint has no head
+        finetune.main(["--predict", videos[0], *views, "--finetune", str(pre / "checkpoint-latest.pth")])
+    assert "fine-tune it first" in str(stop.value.code)
 
 
 def test_knn_probe_separates_a_separable_set(tmp_path, two_classes, capsys):
