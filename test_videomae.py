@@ -1037,8 +1037,8 @@ def test_demo_classes_are_learnable_from_the_loaders_clips(tmp_path):
     y = torch.tensor([label for _, label in clips]).repeat_interleave(8)
     net = tiny_vit(num_classes=6)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    for step in range(300):
-        batch = torch.randint(len(x), (64,))
+    for step in range(200):
+        batch = torch.randint(len(x), (32,))
         loss = F.cross_entropy(net(x[batch]), y[batch])
         opt.zero_grad()
         loss.backward()
@@ -1047,7 +1047,7 @@ def test_demo_classes_are_learnable_from_the_loaders_clips(tmp_path):
     with torch.no_grad():
         pred = net(data.normalize(torch.cat([test[i][0] for i in range(len(test))]))).argmax(1)
     accuracy = (pred == torch.tensor([label for _, label in sets[1]])).float().mean().item()
-    assert accuracy > 0.75, accuracy  # chance: 1/6; 97% when this was written
+    assert accuracy > 0.75, accuracy  # chance: 1/6
 
 
 # ----------------------------------------------------------------------------- the scripts, end to end
@@ -1135,7 +1135,7 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
         assert 0 < r["recon_val"] and 0 < r["recon_val_mean_visible"] and 0 < r["recon_val_nearest_visible"]
         assert r["knn_top1"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert (out / "recon-0003.png").exists() and cv2.imread(str(out / "recon-0003.png")) is not None
-    assert cv2.imread(str(out / "curves.png")).shape == (250, 2 * 360, 3)  # loss and lr
+    assert cv2.imread(str(out / "curves.png")).shape == (250, 3 * 360, 3)  # loss, lr, k-NN top-1
     # a run stopped after epoch 1: its newest checkpoint is the numbered one of epoch 1
     resumed = tmp_path / "b"
     resumed.mkdir()
