@@ -109,7 +109,6 @@ def main(argv=None):
             rebuilt["rebuilt_per_clip"] = pred.shape[1]  # tokens the decoder rebuilt, per clip
             return loss
 
-        stats = train_epoch(model, loader, optimizer, run, epoch, step, args, ctx)
         stats = {**train_epoch(model, loader, optimizer, run, epoch, step, args, ctx), **rebuilt}
         if run.numbered(epoch) and val_set:  # held-out figures beside each numbered checkpoint
             stats.update(reconstruction_scores(net, val_set, args, ctx))

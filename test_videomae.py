@@ -1162,7 +1162,8 @@ def test_pretrain_decoder_mask_random_mask_repeated_sampling_and_nonfinite_stop(
     assert "(2, 4, 4) tokens per clip, 4 visible" in capsys.readouterr().out
     log = read_log(out)[-1]
     assert log["rebuilt_per_clip"] == 16 and log["clips_per_step"] == 4  # 2 videos x 2 clips each
-    assert random_masks == [1, 4, 4, 4, 4, 1]  # the count at start, the 4 clips of every step, the picture's clip
+    # the count at start, the 4 clips of every step, the 5 held-out clips of the figures, the picture's clip
+    assert random_masks == [1, 4, 4, 4, 4, 2, 2, 1, 1]
     assert read_log(out)[0]["config"]["no_norm_pix_loss"] is True
     forward = MD.VideoMAE.forward
     calls = {"n": 0}
@@ -1398,7 +1399,7 @@ def test_bad_videos_are_named_once_per_run_and_too_many_stop_cleanly(tmp_path, t
     assert stop.value.code == 1 and "Traceback" not in err, err
     last = printed.strip().splitlines()[-1]
     assert last.startswith("stopping: 3 of 12 training videos are unreadable, more than the 2 tolerated: ")
-    assert all(str(tmp_path / name) in last for name in bad) and f"`python data.py --check {lst}`" in last
+    assert all(str(tmp_path / name) in last for name in bad) and f"`python data.py --check {lst} --data_set list`" in last
     assert last.endswith(f"the last good checkpoint is {out / 'checkpoint-latest.pth'}")
     assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1]
@@ -1569,13 +1570,15 @@ def test_recipes_are_the_reference_scripts():
     # (K400 and SSv2: the 800-epoch ones); what a script leaves out is run_*.py's default
     k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
                 warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20,
-                no_norm_pix_loss=False)
+                no_norm_pix_loss=False, in_memory=False)
     ucf = {**k400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75, "save_ckpt_freq": 100}
     assert pretrain.RECIPES == {"K400": k400, "SSv2": {**k400, "sampling_rate": 2}, "UCF101": ucf,
                                 "HMDB51": {**ucf, "epochs": 4800}}  # HMDB51: no script; the paper's epochs
     k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
                 warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
-                drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5, test_num_crop=3)
+                drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5, test_num_crop=3,
+                aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0),
+                in_memory=False)  # run_class_finetuning.py's defaults: RandAugment, erasing, mixup, cutmix, crop
     ucf = {**k400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50,
            "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
     ssv2 = {**k400, "epochs": 50, "blr": 5e-4, "no_flip": True, "sampling": "segment", "test_num_segment": 2}
