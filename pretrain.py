@@ -417,7 +417,7 @@ def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
     peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     return {"epoch": epoch, "loss": total_loss / total_steps, "lr": lr, "clips_per_s": total_clips / elapsed,
-            "clips_per_step": total_clips * args.accum_iter / total_steps, "data_wait": wait / elapsed,
+            "clips_per_step": total_clips * args.accum_iter * ctx.world / total_steps, "data_wait": wait / elapsed,
             "peak_mem_mb": round(peak), "substituted": int(total_subst), "epoch_s": elapsed}
 
 
@@ -521,7 +521,7 @@ class BadVideos:
 
     def __init__(self, dataset, ctx):
         self.samples, self.ctx = dataset.samples, ctx
-        self.limit = max(dataset.max_bad_fraction * len(dataset), 2)
+        self.limit = max(int(dataset.max_bad_fraction * len(dataset)), 2)  # unreadable files tolerated
         self.unreadable, self.truncated, self.news = set(), set(), []  # news: (sample, frames that decode or 0)
 
     def add(self, index, substituted, truncated):
@@ -550,7 +550,7 @@ class BadVideos:
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         check = f"python data.py --check {args.data_path}" + (f" --data_set {args.data_set}" if args.data_set else "")
         return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, more than the "
-                f"{self.limit:g} tolerated: {listed}; run `{check}` and remove or re-encode them; the last good "
+                f"{self.limit} tolerated: {listed}; run `{check}` and remove or re-encode them; the last good "
                 f"checkpoint is {checkpoint if os.path.exists(checkpoint) else 'none (no epoch finished)'}")
 
 

@@ -1456,6 +1456,7 @@ def test_torchrun_two_cpu_processes_pretrain_and_count_every_test_video_once(tmp
                    "--output_dir", str(pre), cwd=here)
     assert "x 2 processes" in out
     assert [r["epoch"] for r in read_log(pre)[1:]] == [0, 1] and read_log(pre)[0]["world_size"] == 2
+    assert read_log(pre)[-1]["clips_per_step"] == 4  # 2 videos on each of 2 processes
     ckpt = str(pre / "checkpoint-latest.pth")
     views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", ckpt, "--eval"]
     torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
