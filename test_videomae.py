@@ -1492,6 +1492,13 @@ def test_sigkill_loses_at_most_the_current_epoch(tmp_path, two_classes):
     assert epochs == [0, 1, 2]  # each epoch logged once, none lost
 
 
+def test_ci_runs_the_readmes_test_line_as_written():
+    import pathlib
+    here = pathlib.Path(__file__).parent
+    line = next(l for l in (here / "README.md").read_text().splitlines() if l.startswith("pip install -r requirements-test"))
+    assert line.split("#")[0].strip() in (here / ".ci" / "run").read_text().splitlines()
+
+
 def test_bench_smoke_run_has_every_row(tmp_path):
     import importlib.util
     import subprocess
