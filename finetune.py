@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import data
 import model as models
-from pretrain import (Context, Run, all_sum, atomic_write, autocast, common_parser, finish_args, knn_probe, make_loader,
+from pretrain import (Context, Run, atomic_write, autocast, common_parser, finish_args, knn_probe, make_loader,
                       param_groups, per_video, put, resume_path, setup, start_epoch, text_width, train_epoch,
                       training_subset, wrap)
 
@@ -100,7 +100,8 @@ def main(argv=None):
     labels = [label for _, label in train_samples + test_samples]
     if min(labels) < 0 or max(labels) >= args.nb_classes:
         parser.error(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; --nb_classes {args.nb_classes} does not fit")
-    resuming = None if args.eval or args.knn else resume_path(args)  # a training run's checkpoint: its weights replace any others
+    # a training run's own checkpoint, to resume: its weights replace any others
+    resuming = None if args.eval or args.knn else resume_path(args)
     weights = None if resuming else args.finetune or (args.resume if args.eval else None)
     if weights is None and args.demo and not resuming and os.path.exists(DEMO_PRETRAINED):
         weights = DEMO_PRETRAINED

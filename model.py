@@ -518,7 +518,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Export a checkpoint in the layout of HuggingFace transformers.")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True,
                         help="write OUT_DIR/config.json and the weights, for from_pretrained(OUT_DIR)")
-    checkpoint, out = parser.parse_args().export
-    if not os.path.isfile(checkpoint):
-        parser.error(f"--export {checkpoint} is not a file")
-    export_huggingface(checkpoint, out)
+    source, out = parser.parse_args().export
+    if not os.path.isfile(source):
+        parser.error(f"--export {source} is not a file")
+    export_huggingface(source, out)
