@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import data
 import model as models
 from pretrain import (Context, Run, atomic_write, autocast, common_parser, finish_args, knn_probe, make_loader,
-                      param_groups, per_video, put, resume_path, setup, start_epoch, text_width, train_epoch,
+                      param_groups, per_video, put, resume_path, score, setup, start_epoch, text_width, train_epoch,
                       training_subset, wrap)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/finetune.sh,
@@ -350,16 +350,6 @@ def predict_and_score(net, dataset, args, ctx, want_probs=False):
     scores.update(views=dataset.segments * dataset.crops, unreadable=int(unreadable.sum()),
                   unreadable_files=[dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()])
     return (scores, probs.argmax(1), labels) if want_probs else scores
-
-
-def score(probs, labels, scored):
-    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True."""
-    pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
-    correct, labels_seen = (pred == labels)[scored], labels[scored]
-    in_top5 = (top5 == labels[:, None]).any(1)[scored]
-    per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
-    return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
-            "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
 def evaluate(net, dataset, args, ctx, run, classes):

@@ -113,7 +113,7 @@ def main(argv=None):
         if run.numbered(epoch) and val_set:  # held-out figures beside each numbered checkpoint
             stats.update(reconstruction_scores(net, val_set, args, ctx))
             if labelled:
-                stats["knn_top1"] = knn_probe(net.encoder, samples, held_out, args, ctx)["top1"]
+                stats["knn_top1"] = knn_probe(net.encoder, samples, held_out, args, ctx, frames=dataset.frames)["top1"]
         run.end_epoch(epoch, stats, picture=lambda path: reconstruction_png(net, demo_clip, args, ctx, path))
     run.close()
 
@@ -474,23 +474,35 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
     return votes.scatter_add_(1, train_labels[neighbour], (top / temperature).exp())
 
 
-def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20):
+def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
     """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the training videos
-    to the test videos. Returns {"top1", "top5", "k", "num_videos"}."""
+    to the test videos. `frames`: videos already decoded in memory ({path: frames}, VideoDataset.frames), not
+    decoded again. Returns {"top1", "top5", "k", "num_videos"}."""
     encoder.eval()
     features = []
     for samples in (train_samples, test_samples):
         dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
                                     test_num_segment=1, test_num_crop=1)
+        dataset.frames = frames or {}
         values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
         labels = torch.tensor([label for _, label in samples])
         features.append((values[seen & ~unreadable], labels[seen & ~unreadable]))
     encoder.train()
     (train_x, train_y), (test_x, test_y) = features
     votes = knn_classify(train_x, train_y, test_x, int(max(train_y.max(), test_y.max())) + 1, k)
-    top5 = votes.topk(min(5, votes.shape[1]), dim=1).indices
-    return {"top1": (top5[:, 0] == test_y).float().mean().item(), "top5": (top5 == test_y[:, None]).any(1).float().mean().item(),
-            "k": min(k, len(train_y)), "num_videos": len(test_y)}
+    scores = score(votes, test_y, torch.ones(len(test_y), dtype=torch.bool))
+    return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
+
+
+def score(probs, labels, scored):
+    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True; probs may be any
+    class scores (softmax, k-NN votes)."""
+    pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
+    correct, labels_seen = (pred == labels)[scored], labels[scored]
+    in_top5 = (top5 == labels[:, None]).any(1)[scored]
+    per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
+    return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
+            "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
 def check_finite(loss_sum, epoch, it, run, ctx, bar):
