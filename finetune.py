@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import data
 import model as models
-from pretrain import (Context, Run, atomic_write, autocast, common_parser, finish_args, knn_probe, make_loader,
+from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
+from pretrain import (Context, Run, autocast, common_parser, finish_args, knn_probe, make_loader,
                       param_groups, per_video, put, resume_path, score, setup, start_epoch, text_width, train_epoch,
                       training_subset, wrap)
 
@@ -154,7 +155,7 @@ def build_classifier(args, weights, ctx, resuming=None):
     """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input size, frames and
     stride not given as flags come from the configuration of the checkpoint to resume, else of `weights`.
     Returns (net, that configuration)."""
-    saved = models.checkpoint_config(resuming or weights) if resuming or weights else {}
+    saved = checkpoint_config(resuming or weights) if resuming or weights else {}
     inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
     if inherited:
         vars(args).update(inherited)
@@ -165,7 +166,7 @@ def build_classifier(args, weights, ctx, resuming=None):
     net.grad_checkpointing = args.grad_ckpt
     if weights:
         ctx.print(f"initial weights: {weights}")
-        models.load_checkpoint(net, weights, verbose=ctx.main)
+        load_checkpoint(net, weights, verbose=ctx.main)
     elif not resuming:
         ctx.print("no --finetune checkpoint: training from scratch")
     return net.to(ctx.device), saved
@@ -179,7 +180,7 @@ def predict(args, ctx):
     """--predict: each video's top-5 classes by name, from its test_num_segment x test_num_crop views' averaged
     softmax; printed, and written to predictions.jsonl. An unreadable video gets one line; the others still run."""
     weights = args.finetune or args.resume
-    head = models.canonical_weights(models.read_file(weights)).get("head.bias")
+    head = canonical_weights(read_file(weights)).get("head.bias")
     if head is None:
         sys.exit(f"{weights} has no classification head (a pre-training checkpoint): fine-tune it first, "
                  f"python finetune.py --finetune {weights} --data_path YOUR_DATA, then predict with that checkpoint")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import data
 import mask as masks
 import model as models
+from weights import atomic_write, read_file
 
 # The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/pretrain.sh, ViT-B),
 # chosen by --recipe (default: the --data_set's own, else K400's) when --data_path is given; the demo's otherwise.
@@ -566,13 +567,6 @@ class BadVideos:
                 f"checkpoint is {checkpoint if os.path.exists(checkpoint) else 'none (no epoch finished)'}")
 
 
-def atomic_write(path, write, suffix=""):
-    """write(tmp_path), then rename: a reader (or a killed run) never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def resume_path(args):
     """--resume, else the newest checkpoint in --output_dir; None for a fresh run."""
     latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
@@ -656,7 +650,7 @@ class Run:
             return
         resume = resume_path(args)
         if resume:
-            ckpt = models.read_file(resume)
+            ckpt = read_file(resume)
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])

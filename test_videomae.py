@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import data
 import mask as M
 import model as MD
+import weights as W
 
 TINY = dict(img_size=32, num_frames=4, patch_size=8, tubelet_size=2, embed_dim=48, depth=2, num_heads=3,
             decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
@@ -308,14 +309,14 @@ def test_pretraining_checkpoints_round_trip(fmt, tmp_path):
     torch.save(files[fmt], path)
     dst = tiny_mae()
     dst.load_state_dict({k: torch.zeros_like(v) for k, v in dst.state_dict().items()})
-    missing, unexpected = MD.load_checkpoint(dst, path)
+    missing, unexpected = W.load_checkpoint(dst, path)
     assert missing == [] and unexpected == []
     video, m = torch.randn(2, 3, 4, 32, 32), M.tube_mask(2, GRID, 0.75)
     for a, b in zip(outputs(src, video, m), outputs(dst, video, m)):
         torch.testing.assert_close(a, b)
     # the same file fills a classifier's encoder; fc_norm and head start fresh
     vit = tiny_vit()
-    missing, _ = MD.load_checkpoint(vit, path)
+    missing, _ = W.load_checkpoint(vit, path)
     assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     torch.testing.assert_close(vit.blocks[1].attn.qkv.weight, src.encoder.blocks[1].attn.qkv.weight)
 
@@ -331,7 +332,7 @@ def test_finetuned_checkpoints_round_trip(fmt, tmp_path):
         except ImportError:  # without the optional package the loader must say what to install
             path.write_bytes(b"")
             with pytest.raises(RuntimeError, match="pip install safetensors"):
-                MD.load_checkpoint(tiny_vit(), path)
+                W.load_checkpoint(tiny_vit(), path)
             return
         save_file({k: v.contiguous() for k, v in to_huggingface(sd).items()}, str(path))
     else:
@@ -339,12 +340,12 @@ def test_finetuned_checkpoints_round_trip(fmt, tmp_path):
                     "hf_classifier": to_huggingface(sd),
                     "ours": {"model": sd, "epoch": 1}}[fmt], path)
     dst = tiny_vit()
-    assert MD.load_checkpoint(dst, path) == ([], [])
+    assert W.load_checkpoint(dst, path) == ([], [])
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(src(video), dst(video))
     other = tiny_vit(num_classes=9)  # another class count: the head is dropped, the rest loads
-    missing, _ = MD.load_checkpoint(other, path)
+    missing, _ = W.load_checkpoint(other, path)
     assert sorted(missing) == ["head.bias", "head.weight"]
 
 
@@ -356,7 +357,7 @@ def test_checkpoint_wrappings_and_prefixes(wrapping, tmp_path):
     torch.save({"state_dict": sd, "epoch": 2} if wrapping == "state_dict" else  # other trainers; DDP; torch.compile
                {"model": {wrapping + k: v for k, v in sd.items()}}, path)
     dst = tiny_vit()
-    assert MD.load_checkpoint(dst, path) == ([], [])
+    assert W.load_checkpoint(dst, path) == ([], [])
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(src(video), dst(video))
@@ -366,10 +367,10 @@ def test_wrong_checkpoints_give_clear_errors(tmp_path):
     path = tmp_path / "small.pth"
     torch.save({"model": MD.VideoMAE(**{**TINY, "embed_dim": 96}).state_dict()}, path)
     with pytest.raises(ValueError, match=r"small.pth: tensor 'encoder.patch_embed.proj.weight' has shape \(96"):
-        MD.load_checkpoint(tiny_mae(), path)
+        W.load_checkpoint(tiny_mae(), path)
     torch.save({"model": {"resnet.conv1.weight": torch.zeros(3)}}, path)
     with pytest.raises(ValueError, match="no tensor matches"):
-        MD.load_checkpoint(tiny_mae(), path)
+        W.load_checkpoint(tiny_mae(), path)
 
 
 def exported(kind, tmp_path):
@@ -383,7 +384,7 @@ def exported(kind, tmp_path):
     config = {"model": "tiny", "input_size": 32, "num_frames": 4, "classes": ["run", "jump", "swim"]}
     tmp_path.mkdir(exist_ok=True)
     torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, tmp_path / "checkpoint.pth")
-    return net.eval(), MD.export_huggingface(tmp_path / "checkpoint.pth", tmp_path / "hf")
+    return net.eval(), W.export_huggingface(tmp_path / "checkpoint.pth", tmp_path / "hf")
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "finetune"])
@@ -396,19 +397,19 @@ def test_export_to_huggingface_round_trips_every_tensor(kind, weights_file, tmp_
     src, files = exported(kind, tmp_path)
     assert [f.split("/")[-1] for f in files] == ["config.json", weights_file]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    weights = MD.read_file(files[1])
+    weights = W.read_file(files[1])
     expected = to_huggingface(src.state_dict())  # HuggingFace's layout, as written independently above
     assert sorted(weights) == sorted(expected) and all(torch.equal(weights[k], v) for k, v in expected.items())
     if kind == "finetune":
         assert config["architectures"] == ["VideoMAEForVideoClassification"] and config["use_mean_pooling"]
         assert config["id2label"] == {"0": "run", "1": "jump", "2": "swim"}
-        assert MD.checkpoint_config(files[1]) == {"model": "tiny", "input_size": 32, "num_frames": 4,
+        assert W.checkpoint_config(files[1]) == {"model": "tiny", "input_size": 32, "num_frames": 4,
                                                   "classes": ["run", "jump", "swim"]}
     else:
         assert config["architectures"] == ["VideoMAEForPreTraining"] and not config["use_mean_pooling"]
     dst = __import__("copy").deepcopy(src)
     dst.load_state_dict({k: torch.zeros_like(v) for k, v in dst.state_dict().items()})
-    assert MD.load_checkpoint(dst, files[1]) == ([], [])
+    assert W.load_checkpoint(dst, files[1]) == ([], [])
     for key, value in src.state_dict().items():
         assert torch.equal(value, dst.state_dict()[key]), key
 
@@ -1256,7 +1257,7 @@ def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_clas
     assert [rows[0]["top5"][0][0], rows[2]["top5"][0][0]] == ["dark", "bright"]
     assert all(math.isclose(sum(p for _, p in r["top5"]), 1, rel_tol=1e-5) for r in (rows[0], rows[2]))  # 2 classes
     # exported to HuggingFace's layout: the sizes and id2label come from its config.json, the predictions agree
-    exported = MD.export_huggingface(out / "checkpoint-latest.pth", tmp_path / "hf")[1]
+    exported = W.export_huggingface(out / "checkpoint-latest.pth", tmp_path / "hf")[1]
     rows_hf, printed = predict(exported, tmp_path / "predict-hf")
     assert "--model tiny, --input_size 32, --num_frames 4" in printed
     for ours, theirs in zip(rows[::2], rows_hf[::2]):
@@ -1318,7 +1319,7 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
         pass
 
     ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=lambda *a: None)
-    atomic_write, log = pretrain.atomic_write, pretrain.Run.log
+    atomic_write, log = W.atomic_write, pretrain.Run.log
     for kill_at in range(4):
         for half_line in (False, True):
             out = tmp_path / f"kill{kill_at}{'-half' * half_line}"

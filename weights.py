@@ -1,0 +1,254 @@
+"""Weights in and out: the checkpoints people already have, and the export to HuggingFace's layout.
+
+load_checkpoint     weights of this project, of the reference code (pre-training or fine-tuned) or of
+                    HuggingFace, into a VideoMAE or a VideoViT, with a shape check per tensor.
+export_huggingface  the inverse: config.json and model.safetensors that transformers' from_pretrained reads.
+atomic_write        every file this project writes goes through it: a killed run never leaves half a file.
+
+    python weights.py --export runs/finetune-demo/checkpoint-latest.pth runs/finetune-demo/hf
+"""
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from model import PATCH_SIZE, PRESETS, TUBELET_SIZE, VideoViT, build_model
+
+
+def atomic_write(path, write, suffix=""):
+    """write(tmp_path), then rename: a reader (or a killed run) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- names: HuggingFace <-> reference
+
+# The start of a HuggingFace key <-> the same tensor's key in the reference's pre-training layout.
+_HF_TOP = [
+    ("videomae.embeddings.patch_embeddings.projection.", "encoder.patch_embed.proj."),
+    ("videomae.encoder.layer.", "encoder.blocks."),
+    ("videomae.layernorm.", "encoder.norm."),
+    ("decoder.decoder_layers.", "decoder.blocks."),
+    ("classifier.", "head."),
+]
+# Inside one transformer layer, after its index; the first pair matching a name wins.
+_HF_BLOCK = [
+    ("attention.attention.q_bias", "attn.q_bias"),
+    ("attention.attention.v_bias", "attn.v_bias"),
+    ("attention.attention.query.bias", "attn.q_bias"),  # transformers 5 spells the biases so
+    ("attention.attention.value.bias", "attn.v_bias"),
+    ("attention.output.dense.", "attn.proj."),
+    ("layernorm_before.", "norm1."),
+    ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+]
+_HF_QKV = ("attention.attention.query.weight", "attention.attention.key.weight",
+           "attention.attention.value.weight")
+_DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
+
+
+def _rename(key, to_hf):
+    """One key from HuggingFace's names to the reference's, or back (to_hf), by the two tables above."""
+    src, dst = (1, 0) if to_hf else (0, 1)
+    for pair in _HF_TOP:
+        if key.startswith(pair[src]):
+            key = pair[dst] + key[len(pair[src]):]
+            break
+    layer = re.fullmatch(r"(.*?\.\d+\.)(.*)", key)  # ('encoder.blocks.3.', 'attn.proj.weight')
+    if layer is None:
+        return key
+    for pair in _HF_BLOCK:
+        if layer[2].startswith(pair[src]):
+            return layer[1] + pair[dst] + layer[2][len(pair[src]):]
+    return key
+
+
+def _convert(sd, to_hf):
+    """HuggingFace VideoMAE names -> the reference's, or back (to_hf). The reference's one qkv matrix is
+    HuggingFace's query, key and value matrices stacked in rows. Biases are written as the files on the
+    hub spell them (q_bias, v_bias), which transformers 4 and 5 both read."""
+    if not to_hf:  # a VideoMAEModel's keys lack the 'videomae.' prefix
+        bare = ("embeddings.", "encoder.layer.", "layernorm.")
+        sd = {("videomae." + k if k.startswith(bare) else k): v for k, v in sd.items()}
+    out = {}
+    for key, value in sd.items():
+        if to_hf and key.endswith("attn.qkv.weight"):
+            stem = _rename(key.removesuffix("attn.qkv.weight"), to_hf)
+            for name, part in zip(_HF_QKV, value.chunk(3)):
+                out[stem + name] = part.contiguous()
+        elif not to_hf and key.endswith(_HF_QKV[0]):
+            stem = key.removesuffix(_HF_QKV[0])
+            out[_rename(stem, to_hf) + "attn.qkv.weight"] = torch.cat([sd[stem + name] for name in _HF_QKV])
+        elif to_hf or not key.endswith(_HF_QKV[1:]):
+            out[_rename(key, to_hf)] = value.contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+def canonical_weights(ckpt):
+    """The weights of a checkpoint in any known format, named as in the reference's pre-training checkpoint
+    (encoder weights under 'encoder.'). Fixed positions are dropped: they are rebuilt, never loaded."""
+    # weights under 'model' (this project, reference pre-training), 'module' (reference fine-tuning), 'state_dict'
+    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+    if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
+        sd = _convert(sd, to_hf=False)
+    own_prefixes = ("encoder.", "fc_norm.", "head.") + _DECODER_KEYS
+    return {(k if k.startswith(own_prefixes) else "encoder." + k): v
+            for k, v in sd.items() if "pos_embed" not in k}
+
+
+def read_file(path):
+    """A checkpoint file as saved, tensors memory-mapped; never runs code (weights_only). The reference code
+    stores its flags as an argparse.Namespace, which is allowed; .safetensors files need that package."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise RuntimeError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
+        return load_file(str(path))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(model, path_or_state_dict, verbose=True):
+    """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
+
+    Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder. names) and
+    fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights (pytorch_model.bin,
+    model.safetensors). A pre-training checkpoint fills a VideoViT's encoder (its decoder is ignored, fc_norm
+    and head start fresh); a head of another class count is dropped. Any other shape mismatch is an error
+    naming the tensor.
+    """
+    from_file = not isinstance(path_or_state_dict, dict)
+    ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
+    source = str(path_or_state_dict) if from_file else "state dict"
+    sd = canonical_weights(ckpt)
+    own = model.state_dict()
+    notes = []
+    if isinstance(model, VideoViT):
+        if any(k.startswith(_DECODER_KEYS) for k in sd):
+            notes.append("pre-training decoder ignored")
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if not k.startswith(_DECODER_KEYS)}
+        sd.pop("norm.weight", None)  # mean pooling uses fc_norm, not the final norm
+        sd.pop("norm.bias", None)
+    if "head.weight" in sd and "head.weight" in own and sd["head.weight"].shape != own["head.weight"].shape:
+        notes.append(f"head for {sd['head.weight'].shape[0]} classes dropped "
+                     f"(model has {own['head.weight'].shape[0]})")
+        del sd["head.weight"], sd["head.bias"]
+    for key, value in sd.items():
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(value.shape)} but the model expects "
+                             f"{tuple(own[key].shape)}; was it saved from another model size (--model)?")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if not set(own) & set(sd):
+        raise ValueError(f"{source}: no tensor matches this model; is it a VideoMAE checkpoint?")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if verbose:
+        fresh = [k for k in missing if k.startswith(("fc_norm.", "head."))]
+        line = f"loaded {len(own) - len(missing)}/{len(own)} tensors from {source}"
+        line += "".join(f"; {n}" for n in notes)
+        if fresh:
+            line += f"; starting fresh as expected: {', '.join(fresh)}"
+        if len(missing) > len(fresh):
+            line += f"; MISSING: {', '.join(k for k in missing if k not in fresh)}"
+        if unexpected:
+            line += f"; ignored: {', '.join(unexpected)}"
+        print(line)
+    return missing, unexpected
+
+
+# ----------------------------------------------------------------------------- writing: the HuggingFace layout
+
+# A preset's sizes -> the names of HuggingFace's config.json.
+_HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "decoder_embed_dim": "decoder_hidden_size", "decoder_depth": "decoder_num_hidden_layers",
+             "decoder_num_heads": "decoder_num_attention_heads"}
+
+
+def checkpoint_config(path):
+    """The run configuration a checkpoint carries: this project's 'config', else what HuggingFace's
+    config.json beside the weights says (preset, input size, frames, class names), else {}."""
+    saved = read_file(path).get("config")
+    beside = Path(path).parent / "config.json"
+    if saved or not beside.is_file():
+        return saved or {}
+    hf = json.loads(beside.read_text())
+    labels = hf.get("id2label", {})
+    presets = [name for name, sizes in PRESETS.items()
+               if all(hf.get(_HF_SIZES[k]) == sizes[k] for k in ("embed_dim", "depth", "num_heads"))]
+    config = {"model": presets[0] if presets else None, "input_size": hf.get("image_size"),
+              "num_frames": hf.get("num_frames"), "classes": [labels[str(i)] for i in range(len(labels))]}
+    return {k: v for k, v in config.items() if v}
+
+
+def export_huggingface(path, out_dir):
+    """Write a checkpoint (any format load_checkpoint reads) to out_dir as transformers'
+    VideoMAEForPreTraining or, with a head, VideoMAEForVideoClassification saves itself: config.json, and
+    model.safetensors (pytorch_model.bin without the safetensors package). The inverse of load_checkpoint.
+    Returns the paths written."""
+    config = checkpoint_config(path)
+    sd = canonical_weights(read_file(path))
+    width = sd["encoder.patch_embed.proj.weight"].shape[0]
+    preset = config.get("model") or next((name for name, p in PRESETS.items() if p["embed_dim"] == width), "base")
+    classifier = "head.weight" in sd
+    img_size = config.get("input_size", 224)
+    num_frames = config.get("num_frames", 16)
+    norm_pix_loss = not config.get("no_norm_pix_loss")
+    if classifier:
+        net = build_model("finetune", preset, img_size=img_size, num_frames=num_frames,
+                          num_classes=len(sd["head.bias"]))
+    else:
+        net = build_model("pretrain", preset, img_size=img_size, num_frames=num_frames, norm_pix_loss=norm_pix_loss)
+    missing, _ = load_checkpoint(net, sd, verbose=False)  # checks every shape against the preset
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}; only a complete model can be exported")
+    sizes = PRESETS[preset]
+    architecture = "VideoMAEForVideoClassification" if classifier else "VideoMAEForPreTraining"
+    hf = dict(architectures=[architecture], model_type="videomae", image_size=img_size, num_frames=num_frames,
+              patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE, intermediate_size=4 * sizes["embed_dim"],
+              layer_norm_eps=1e-6, decoder_intermediate_size=4 * sizes["decoder_embed_dim"],
+              norm_pix_loss=norm_pix_loss, use_mean_pooling=classifier)
+    hf.update({hf_name: sizes[k] for k, hf_name in _HF_SIZES.items()})
+    if classifier:  # classifiers pool into fc_norm; pre-training models end in a layernorm
+        names = config.get("classes") or [f"class {i}" for i in range(len(sd["head.bias"]))]
+        hf.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
+    weights = _convert(canonical_weights(net.state_dict()), to_hf=True)
+    try:
+        from safetensors.torch import save_file
+        name = "model.safetensors"
+
+        def save(tmp):
+            save_file(weights, tmp, metadata={"format": "pt"})
+    except ImportError:  # transformers reads either file
+        name = "pytorch_model.bin"
+
+        def save(tmp):
+            torch.save(weights, tmp)
+    os.makedirs(out_dir, exist_ok=True)
+    files = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, name)]
+    atomic_write(files[0], lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+    atomic_write(files[1], save)
+    classes = f", {len(names)} classes" if classifier else ""
+    print(f"wrote {' and '.join(files)}: {architecture}, {preset}, {img_size} px, {num_frames} frames{classes}")
+    return files
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Export a checkpoint in the layout of HuggingFace transformers.")
+    parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True,
+                        help="write OUT_DIR/config.json and the weights, for from_pretrained(OUT_DIR)")
+    source, out = parser.parse_args().export
+    if not os.path.isfile(source):
+        parser.error(f"--export {source} is not a file")
+    export_huggingface(source, out)
