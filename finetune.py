@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 import data
 import model as models
+import plots
 from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
-from pretrain import (Context, Run, autocast, common_parser, finish_args, knn_probe, make_loader,
-                      param_groups, per_video, put, resume_path, score, setup, start_epoch, text_width, train_epoch,
-                      training_subset, wrap)
+from pretrain import (Context, Run, autocast, common_parser, finish_args, knn_probe, make_loader, param_groups,
+                      per_video, resume_path, score, setup, start_epoch, train_epoch, training_subset, wrap,
+                      write_png)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/finetune.sh,
 # ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in pretrain.py.
@@ -375,55 +376,15 @@ def evaluate(net, dataset, args, ctx, run, classes):
 
 
 def confusion_png(pred, labels, names, path, listed=30):
-    """The confusion matrix as a picture that reads alone: true class down, predicted across, both named; each
-    cell the share of the true class's test videos, in percent (blank: none); beside it, the most-confused pairs
-    by name. Cells shrink with the class count, to 18 pixels for UCF101's 101 classes."""
+    """The confusion matrix picture (plots.confusion): each cell the share of the true class's test videos;
+    the `listed` most-confused pairs beside it."""
     K = len(names)
     counts = np.zeros((K, K), np.int64)
     np.add.at(counts, (labels.numpy(), pred.numpy()), 1)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (true, predicted); each row sums to one
-    cell = int(np.clip(1100 // K, 18, 64))
-    font = min(0.5, cell / 60)
-    grid = np.full((K * cell, K * cell, 3), 255, np.uint8)
-    for t, p in zip(*np.nonzero(counts)):
-        grid[t * cell:(t + 1) * cell, p * cell:(p + 1) * cell] = (255, 255 - 150 * share[t, p], 255 - 215 * share[t, p])
-        put(grid, f"{100 * share[t, p]:.0f}", (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font,  # centred
-            (255, 255, 255) if share[t, p] > 0.5 else (0, 0, 0), align=0.5)
-    grid[::cell], grid[:, ::cell] = 200, 200  # lines between cells
-    grid[-1], grid[:, -1] = 200, 200
-    label_w = min(160, max(text_width(name, font) for name in names) + 8)  # longer names are cut
-    off_diagonal = sorted(zip(*np.nonzero(counts * (1 - np.eye(K, dtype=np.int64)))), key=lambda tp: -share[tp])[:listed]
-    band, title_h = 24, 56  # the axis titles' band, the title above
-    top, left = title_h + band + label_w, band + label_w  # the grid's corner
-    height = max(K * cell, 20 * len(off_diagonal) + 24)
-    img = np.full((top + height + 10, max(left + K * cell + 420, 760), 3), 255, np.uint8)
-    img[top:top + K * cell, left:left + K * cell] = grid
-    img[top:top + K * cell, band:left] = name_strip(names, cell, label_w, font, align=1)
-    img[title_h + band:top, left:left + K * cell] = cv2.rotate(name_strip(names, cell, label_w, font, align=0),
-                                                                cv2.ROTATE_90_COUNTERCLOCKWISE)  # read bottom to top
-    put(img, "predicted class", left + K * cell / 2, title_h + band - 8, 0.5, align=0.5)
-    true_title = np.full((band, K * cell, 3), 255, np.uint8)
-    put(true_title, "true class", K * cell / 2, band - 8, 0.5, align=0.5)
-    img[top:top + K * cell, :band] = cv2.rotate(true_title, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    put(img, f"confusion on {counts.sum()} test videos, top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}", 8, 20, 0.5)
-    put(img, "row: true class; cell: % of its videos predicted as the column's class (blank: 0%)", 8, 42, 0.45)
-    x, y = left + K * cell + 16, top + 14
-    put(img, "most confused: true -> predicted, % of true", x, y, 0.45)
-    for t, p in off_diagonal:
-        y += 20
-        put(img, f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} ({counts[t, p]} of {counts[t].sum()})", x, y, 0.45)
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
-
-
-def name_strip(names, cell, width, font, align):
-    """The class names one per cell-high row, cut to the width, ending at its right edge (align 1) or starting at
-    its left edge (align 0)."""
-    strip = np.full((len(names) * cell, width, 3), 255, np.uint8)
-    for i, name in enumerate(names):
-        while len(name) > 1 and text_width(name, font) > width - 6:
-            name = name[:-1]
-        put(strip, name, width - 4 if align else 4, (i + 0.5) * cell + 11 * font, font, align=align)
-    return strip
+    confused = zip(*np.nonzero(counts * (1 - np.eye(K, dtype=np.int64))))
+    pairs = sorted(confused, key=lambda tp: -share[tp])[:listed]
+    write_png(path, plots.confusion(share, counts, names, pairs))
 
 
 if __name__ == "__main__":

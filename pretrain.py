@@ -14,7 +14,6 @@ import math
 import os
 import resource
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 import data
 import mask as masks
 import model as models
+import plots
 from weights import atomic_write, read_file
 
 # The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/pretrain.sh, ViT-B),
@@ -148,17 +148,13 @@ def reconstruction_png(net, clip, args, ctx, path):
     recon[m] = p.flatten(-2).clamp(0, 1)
     rows.append(recon)
     frames = [models.unpatchify(r, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2] for r in rows]
-    img = torch.cat([torch.cat(list(f.permute(1, 2, 3, 0)), dim=1) for f in frames], dim=0)  # (3H, T/2*W, 3)
-    img = (img.cpu().numpy()[..., ::-1] * 255).round().astype(np.uint8)
-    zoom = max(1, 512 // img.shape[1])  # small clips drawn larger, pixels kept sharp
-    img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
-    text = "top: original; middle: encoder input; bottom: rebuilt, " + (
-        "hidden patches drawn with the true patch mean and std" if net.norm_pix_loss else "hidden patches as predicted")
-    lines = textwrap.wrap(text, img.shape[1] // 6)
-    caption = np.full((14 * len(lines) + 4, img.shape[1], 3), 255, np.uint8)
-    for i, line in enumerate(lines):
-        cv2.putText(caption, line, (2, 13 + 14 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, np.concatenate([img, caption])), suffix=".png")
+    frames = [f.permute(1, 2, 3, 0).cpu().numpy() for f in frames]  # (T/2, H, W, 3), every second frame
+    if net.norm_pix_loss:
+        how = "hidden patches drawn with the true patch mean and std"
+    else:
+        how = "hidden patches as predicted"
+    caption = f"top: original; middle: encoder input; bottom: rebuilt, {how}"
+    write_png(path, plots.film_strip(frames, caption))
     net.train()
 
 
@@ -580,54 +576,14 @@ CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validatio
 def curves_png(log_path, path):
     """curves.png: one panel for each figure of CURVES that log.jsonl holds, against the epoch."""
     records = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if "epoch" in r]
-    panels = [plot([(r["epoch"], r[key]) for r in records if key in r], title, percent=key.endswith("top1"))
+    panels = [plots.line_chart([(r["epoch"], r[key]) for r in records if key in r], title,
+                               percent=key.endswith("top1"))
               for key, title in CURVES.items() if any(key in r for r in records)]
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, np.hstack(panels)), suffix=".png")
+    write_png(path, np.hstack(panels))
 
 
-def plot(points, title, percent=False, W=360, H=250, left=62, right=18, top=34, bottom=40):
-    """A line chart drawn with OpenCV: the title and the last value above, values up the y axis, epochs along x."""
-    img = np.full((H, W, 3), 255, np.uint8)
-    x, y = np.array(points, dtype=float).T
-    ticks = nice_ticks(0, 1) if percent else nice_ticks(y.min(), y.max())
-    epochs = np.unique(nice_ticks(x.min(), x.max() + 1).round())  # whole epochs; one epoch still spans an axis
-    rows = np.interp(ticks, (ticks[0], ticks[-1]), (H - bottom, top)).astype(int)
-    cols = np.interp(epochs, (epochs[0], epochs[-1]), (left, W - right)).astype(int)
-    fmt = "{:.0%}" if percent else "{:.3g}"
-    for tick, row in zip(ticks, rows):
-        cv2.line(img, (left, row), (W - right, row), (225, 225, 225), 1)
-        put(img, fmt.format(tick), left - 5, row + 4, align=1)
-    for epoch, col in zip(epochs, cols):
-        cv2.line(img, (col, H - bottom), (col, H - bottom + 4), (0, 0, 0), 1)
-        put(img, f"{epoch:.0f}", col, H - bottom + 17, align=0.5)
-    cv2.rectangle(img, (left, top), (W - right, H - bottom), (0, 0, 0), 1)
-    line = np.stack([np.interp(x, epochs[[0, -1]], (left, W - right)),
-                     np.interp(y, ticks[[0, -1]], (H - bottom, top))], axis=1).round().astype(np.int32)  # (n, 2)
-    cv2.polylines(img, [line], False, (170, 80, 20), 2, cv2.LINE_AA)
-    for point in line if len(line) <= 20 else []:  # a single epoch shows as a dot
-        cv2.circle(img, (int(point[0]), int(point[1])), 3, (170, 80, 20), -1, cv2.LINE_AA)
-    put(img, "epoch", (left + W - right) / 2, H - 6, align=0.5)
-    put(img, f"{title}: {fmt.format(y[-1])}", left, top - 12, scale=0.45)
-    return img
-
-
-def nice_ticks(lo, hi, most=6):
-    """Round values (steps of 1, 2 or 5 times a power of ten) from at or below lo to at or above hi."""
-    span = max(hi - lo, abs(hi) * 0.1, 1e-12)
-    unit = 10 ** math.floor(math.log10(span / most))
-    step = next(m * unit for m in (1, 2, 5, 10) if span / (m * unit) <= most)
-    first = math.floor(lo / step)
-    return np.arange(first, max(math.ceil(hi / step), first + 1) + 1) * step
-
-
-def put(img, text, x, y, scale=0.4, color=(0, 0, 0), align=0.0):
-    """OpenCV text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x (1)."""
-    x = x - align * text_width(text, scale)
-    cv2.putText(img, text, (int(x), int(y)), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
-
-
-def text_width(text, scale):
-    return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+def write_png(path, img):
+    atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
 
 
 class Run:

@@ -509,7 +509,8 @@ def test_scores_top1_top5_and_mean_class_accuracy():
 
 
 def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
-    from pretrain import curves_png, nice_ticks
+    from pretrain import curves_png
+    from plots import nice_ticks
     for lo, hi in [(0.0114, 0.429), (4e-5, 0.0156), (0.41, 0.41), (4.51, 4.62), (0, 29)]:
         ticks = nice_ticks(lo, hi)
         step = ticks[1] - ticks[0]

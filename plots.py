@@ -1,0 +1,143 @@
+"""Pictures drawn with OpenCV (the run-time packages have no plotting library). Each function takes numbers
+and returns a BGR uint8 image; the caller writes it. Nothing of the project is imported here.
+
+line_chart  one figure of log.jsonl against the epoch (curves.png holds one panel per figure)
+confusion   a confusion matrix with named classes, the share in each cell and the most-confused pairs
+film_strip  rows of frames one above the other, with a caption (the reconstruction pictures)
+"""
+import math
+import textwrap
+
+import cv2
+import numpy as np
+
+CURVE_COLOUR = (170, 80, 20)  # BGR
+GRID_GREY = (225, 225, 225)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def text_width(text, scale):
+    return cv2.getTextSize(text, FONT, scale, 1)[0][0]
+
+
+def put(img, text, x, y, scale=0.4, color=(0, 0, 0), align=0.0):
+    """OpenCV text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x (1)."""
+    x = x - align * text_width(text, scale)
+    cv2.putText(img, text, (int(x), int(y)), FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def nice_ticks(lo, hi, most=6):
+    """Round values (steps of 1, 2 or 5 times a power of ten) from at or below lo to at or above hi."""
+    span = max(hi - lo, abs(hi) * 0.1, 1e-12)
+    unit = 10 ** math.floor(math.log10(span / most))
+    step = next(m * unit for m in (1, 2, 5, 10) if span / (m * unit) <= most)
+    first = math.floor(lo / step)
+    last = max(math.ceil(hi / step), first + 1)
+    return np.arange(first, last + 1) * step
+
+
+def line_chart(points, title, percent=False, W=360, H=250, left=62, right=18, top=34, bottom=40):
+    """A line chart of (epoch, value) points: the title and the last value above, values up the y axis,
+    epochs along x. Percentages run from 0 to 100%."""
+    img = np.full((H, W, 3), 255, np.uint8)
+    x, y = np.array(points, dtype=float).T
+    if percent:
+        ticks = nice_ticks(0, 1)
+    else:
+        ticks = nice_ticks(y.min(), y.max())
+    epochs = np.unique(nice_ticks(x.min(), x.max() + 1).round())  # whole epochs; one epoch still spans an axis
+    rows = np.interp(ticks, (ticks[0], ticks[-1]), (H - bottom, top)).astype(int)
+    cols = np.interp(epochs, (epochs[0], epochs[-1]), (left, W - right)).astype(int)
+    fmt = "{:.0%}" if percent else "{:.3g}"
+    for tick, row in zip(ticks, rows):
+        cv2.line(img, (left, row), (W - right, row), GRID_GREY, 1)
+        put(img, fmt.format(tick), left - 5, row + 4, align=1)
+    for epoch, col in zip(epochs, cols):
+        cv2.line(img, (col, H - bottom), (col, H - bottom + 4), (0, 0, 0), 1)
+        put(img, f"{epoch:.0f}", col, H - bottom + 17, align=0.5)
+    cv2.rectangle(img, (left, top), (W - right, H - bottom), (0, 0, 0), 1)
+    line_x = np.interp(x, epochs[[0, -1]], (left, W - right))
+    line_y = np.interp(y, ticks[[0, -1]], (H - bottom, top))
+    line = np.stack([line_x, line_y], axis=1).round().astype(np.int32)  # (n, 2)
+    cv2.polylines(img, [line], False, CURVE_COLOUR, 2, cv2.LINE_AA)
+    if len(line) <= 20:  # few points are marked: a single epoch shows as a dot
+        for px, py in line:
+            cv2.circle(img, (int(px), int(py)), 3, CURVE_COLOUR, -1, cv2.LINE_AA)
+    put(img, "epoch", (left + W - right) / 2, H - 6, align=0.5)
+    put(img, f"{title}: {fmt.format(y[-1])}", left, top - 12, scale=0.45)
+    return img
+
+
+def _cell_colour(share):
+    """White for 0, deep blue for 1 (BGR)."""
+    return (255, 255 - 150 * share, 255 - 215 * share)
+
+
+def _name_strip(names, cell, width, font, align):
+    """The class names one per cell-high row, cut to the width, ending at its right edge (align 1) or
+    starting at its left edge (align 0)."""
+    strip = np.full((len(names) * cell, width, 3), 255, np.uint8)
+    for i, name in enumerate(names):
+        while len(name) > 1 and text_width(name, font) > width - 6:
+            name = name[:-1]
+        x = width - 4 if align else 4
+        put(strip, name, x, (i + 0.5) * cell + 11 * font, font, align=align)
+    return strip
+
+
+def confusion(share, counts, names, pairs):
+    """A confusion matrix that reads alone: true class down, predicted across, both named; each cell the
+    share of the true class's videos in percent (blank: none); beside it the most-confused `pairs`
+    [(true, predicted)], by name. share and counts are (K, K) arrays. Cells shrink with the class count,
+    to 18 pixels for UCF101's 101 classes."""
+    K = len(names)
+    cell = int(np.clip(1100 // K, 18, 64))
+    font = min(0.5, cell / 60)
+    grid = np.full((K * cell, K * cell, 3), 255, np.uint8)
+    for t, p in zip(*np.nonzero(counts)):
+        grid[t * cell:(t + 1) * cell, p * cell:(p + 1) * cell] = _cell_colour(share[t, p])
+        ink = (255, 255, 255) if share[t, p] > 0.5 else (0, 0, 0)
+        put(grid, f"{100 * share[t, p]:.0f}", (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font, ink, align=0.5)
+    grid[::cell] = 200  # lines between cells
+    grid[:, ::cell] = 200
+    grid[-1] = 200
+    grid[:, -1] = 200
+    label_w = min(160, max(text_width(name, font) for name in names) + 8)  # longer names are cut
+    band, title_h = 24, 56  # the axis titles' band, the title above
+    top, left = title_h + band + label_w, band + label_w  # the grid's corner
+    side = K * cell
+    height = max(side, 20 * len(pairs) + 24)
+    img = np.full((top + height + 10, max(left + side + 420, 760), 3), 255, np.uint8)
+    img[top:top + side, left:left + side] = grid
+    img[top:top + side, band:left] = _name_strip(names, cell, label_w, font, align=1)
+    column_names = _name_strip(names, cell, label_w, font, align=0)
+    img[title_h + band:top, left:left + side] = cv2.rotate(column_names, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    put(img, "predicted class", left + side / 2, title_h + band - 8, 0.5, align=0.5)
+    true_title = np.full((band, side, 3), 255, np.uint8)
+    put(true_title, "true class", side / 2, band - 8, 0.5, align=0.5)
+    img[top:top + side, :band] = cv2.rotate(true_title, cv2.ROTATE_90_COUNTERCLOCKWISE)  # read bottom to top
+    total = counts.sum()
+    top1 = np.trace(counts) / max(total, 1)
+    put(img, f"confusion on {total} test videos, top-1 {top1:.1%}", 8, 20, 0.5)
+    put(img, "row: true class; cell: % of its videos predicted as the column's class (blank: 0%)", 8, 42, 0.45)
+    x, y = left + side + 16, top + 14
+    put(img, "most confused: true -> predicted, % of true", x, y, 0.45)
+    for t, p in pairs:
+        y += 20
+        line = f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} ({counts[t, p]} of {counts[t].sum()})"
+        put(img, line, x, y, 0.45)
+    return img
+
+
+def film_strip(rows, caption, width=512):
+    """rows: RGB float arrays (T, H, W, 3) in [0, 1] of equal shape, drawn one above the other, the frames of a
+    row side by side, enlarged to about `width` pixels with sharp pixels, the caption below. Returns BGR."""
+    img = np.concatenate([np.concatenate(list(frames), axis=1) for frames in rows], axis=0)  # (rows*H, T*W, 3)
+    img = (img[..., ::-1] * 255).round().astype(np.uint8)
+    zoom = max(1, width // img.shape[1])  # small clips drawn larger
+    img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
+    lines = textwrap.wrap(caption, img.shape[1] // 6)
+    band = np.full((14 * len(lines) + 4, img.shape[1], 3), 255, np.uint8)
+    for i, line in enumerate(lines):
+        cv2.putText(band, line, (2, 13 + 14 * i), FONT, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([img, band])
