@@ -41,7 +41,7 @@ import torch
 import data
 import mask as masks
 import model as models
-from pretrain import autocast, param_groups
+from engine import autocast, param_groups
 
 RATE = 4  # sampling rate: frames between a clip's frames
 

@@ -21,11 +21,10 @@ import torch.nn.functional as F
 
 import data
 import model as models
-import plots
 from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
-from pretrain import (Context, Run, autocast, common_parser, finish_args, knn_probe, make_loader, param_groups,
-                      per_video, resume_path, score, setup, start_epoch, train_epoch, training_subset, wrap,
-                      write_png)
+from engine import (Context, Run, autocast, common_parser, finish_args, make_loader, param_groups, resume_path,
+                    setup, start_epoch, train_epoch, training_subset, wrap)
+from evaluate import class_name, knn_probe, multi_view_test, predict_and_score
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/finetune.sh,
 # ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in pretrain.py.
@@ -123,7 +122,7 @@ def main(argv=None):
         return run.close()
     if args.eval:
         run = Run(args, ctx, net, None)
-        evaluate(net, test_set, args, ctx, run, classes)
+        multi_view_test(net, test_set, args, ctx, run, classes)
         return run.close()
 
     train_set = data.VideoDataset(train_samples, "train", args.num_frames, args.sampling_rate, args.input_size,
@@ -148,7 +147,7 @@ def main(argv=None):
         stats = train_epoch(model, loader, optimizer, run, epoch, step, args, ctx)
         stats["val_top1"] = predict_and_score(net, val_set, args, ctx)["top1"]
         run.end_epoch(epoch, stats)
-    evaluate(net, test_set, args, ctx, run, classes)
+    multi_view_test(net, test_set, args, ctx, run, classes)
     run.close()
 
 
@@ -171,10 +170,6 @@ def build_classifier(args, weights, ctx, resuming=None):
     elif not resuming:
         ctx.print("no --finetune checkpoint: training from scratch")
     return net.to(ctx.device), saved
-
-
-def class_name(names, label):
-    return names[label] if label < len(names) else f"class {label}"
 
 
 def predict(args, ctx):
@@ -340,51 +335,6 @@ def soft_cross_entropy(logits, target):
 
 
 # ----------------------------------------------------------------------------- multi-view testing
-
-def predict_and_score(net, dataset, args, ctx, want_probs=False):
-    """Every view of every video through the model, softmax averaged per video, across all processes. A video
-    that cannot be read is not scored (its item holds another video's views): counted as unreadable, named."""
-    net.eval()
-    probs, seen, unreadable = per_video(lambda clips: net(clips).float().softmax(-1), dataset, args, ctx)
-    net.train()
-    labels = torch.tensor([label for _, label in dataset.samples])
-    scores = score(probs, labels, seen & ~unreadable)
-    scores.update(views=dataset.segments * dataset.crops, unreadable=int(unreadable.sum()),
-                  unreadable_files=[dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()])
-    return (scores, probs.argmax(1), labels) if want_probs else scores
-
-
-def evaluate(net, dataset, args, ctx, run, classes):
-    scores, pred, labels = predict_and_score(net, dataset, args, ctx, want_probs=True)
-    ctx.print(f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
-              f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}"
-              + (f"; {scores['unreadable']} unreadable, not scored: {', '.join(scores['unreadable_files'])}"
-                 if scores["unreadable"] else ""))
-    run.log({"test": scores})
-    name = "confusion.png"
-    if run.optimizer is None:  # an evaluation never replaces the training run's picture, nor an earlier evaluation's
-        k = 1
-        while os.path.exists(os.path.join(args.output_dir, f"confusion-eval{k}.png")):
-            k += 1
-        name = f"confusion-eval{k}.png"
-    path = os.path.join(args.output_dir, name)
-    if ctx.main:
-        names = [class_name(classes, c) for c in range(args.nb_classes)]
-        confusion_png(pred, labels, names, path)
-        ctx.print(f"confusion matrix: {path}")
-    return scores
-
-
-def confusion_png(pred, labels, names, path, listed=30):
-    """The confusion matrix picture (plots.confusion): each cell the share of the true class's test videos;
-    the `listed` most-confused pairs beside it."""
-    K = len(names)
-    counts = np.zeros((K, K), np.int64)
-    np.add.at(counts, (labels.numpy(), pred.numpy()), 1)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (true, predicted); each row sums to one
-    confused = zip(*np.nonzero(counts * (1 - np.eye(K, dtype=np.int64))))
-    pairs = sorted(confused, key=lambda tp: -share[tp])[:listed]
-    write_png(path, plots.confusion(share, counts, names, pairs))
 
 
 if __name__ == "__main__":

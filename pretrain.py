@@ -7,29 +7,13 @@ Everything lands in --output_dir: log.jsonl, checkpoint-latest.pth (every epoch)
 reconstruction picture recon-NNNN.png (every --save_ckpt_freq epochs). Running the same command again resumes
 from the newest checkpoint there. The second half of this file is shared with finetune.py.
 """
-import argparse
-import contextlib
-import json
-import math
-import os
-import resource
-import sys
-import time
-from pathlib import Path
-
-import cv2
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import data
+import engine
+import evaluate
 import mask as masks
 import model as models
-import plots
-from weights import atomic_write, read_file
 
 # The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/pretrain.sh, ViT-B),
 # chosen by --recipe (default: the --data_set's own, else K400's) when --data_path is given; the demo's otherwise.
@@ -53,7 +37,7 @@ DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_si
 
 
 def main(argv=None):
-    parser = common_parser(__doc__, RECIPES, DEMO)
+    parser = engine.common_parser(__doc__, RECIPES, DEMO)
     parser.add_argument("--mask_type", choices=list(masks.MASKS), default="tube")
     parser.add_argument("--mask_ratio", type=float, help="share of tokens hidden from the encoder (K400: 0.9, UCF101: 0.75)")
     parser.add_argument("--decoder_mask_type", choices=["none", "run_cell"], default="none",
@@ -64,7 +48,7 @@ def main(argv=None):
                         help="rebuild plain pixels, not per-patch normalised ones (default: normalised; plain on the demo)")
     parser.add_argument("--norm_pix_loss", dest="no_norm_pix_loss", action="store_false", default=None,
                         help="rebuild per-patch normalised pixels (the default, except on the demo)")
-    args = finish_args(parser, argv, RECIPES, DEMO)
+    args = engine.finish_args(parser, argv, RECIPES, DEMO)
     for name in ("mask_ratio", "decoder_mask_ratio"):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must lie strictly between 0 and 1")
@@ -76,18 +60,18 @@ def main(argv=None):
                      f"(--mask_type {args.mask_type}): nothing to rebuild; raise it or the --input_size")
     if args.decoder_mask_type == "run_cell" and side % 2:
         parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size {args.input_size} gives {side}x{side}")
-    ctx = setup(args)
+    ctx = engine.setup(args)
 
-    samples = training_subset(data.load_samples(args.data_path, args.data_set, args.split, train=True)[0], args)
+    samples = engine.training_subset(data.load_samples(args.data_path, args.data_set, args.split, train=True)[0], args)
     dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate, args.input_size,
                                 num_sample=args.num_sample, seed=args.seed, in_memory=args.in_memory)
     net = models.build_model("pretrain", args.model, img_size=args.input_size, num_frames=args.num_frames,
                              norm_pix_loss=not args.no_norm_pix_loss).to(ctx.device)
     net.encoder.grad_checkpointing = args.grad_ckpt
-    optimizer = torch.optim.AdamW(param_groups(net, args.weight_decay), lr=args.lr, betas=tuple(args.opt_betas), fused=True)
-    loader, sampler = make_loader(dataset, args, ctx, train=True)
-    run = Run(args, ctx, net, optimizer, dataset)
-    model = wrap(net, args, ctx)
+    optimizer = torch.optim.AdamW(engine.param_groups(net, args.weight_decay), lr=args.lr, betas=tuple(args.opt_betas), fused=True)
+    loader, sampler = engine.make_loader(dataset, args, ctx, train=True)
+    run = engine.Run(args, ctx, net, optimizer, dataset)
+    model = engine.wrap(net, args, ctx)
     demo_clip = dataset[0][0][:1]  # one fixed clip for the reconstruction pictures
     held_out = held_out_samples(samples, args)
     val_set = held_out and data.VideoDataset(held_out[::max(1, len(held_out) // 256)], "test", args.num_frames,
@@ -98,7 +82,7 @@ def main(argv=None):
               f"{int((~hidden).sum())} visible")
 
     for epoch in range(run.start_epoch, args.epochs):
-        gen = start_epoch(epoch, sampler, args, ctx)  # draws the masks, on the device
+        gen = engine.start_epoch(epoch, sampler, args, ctx)  # draws the masks, on the device
         rebuilt = {}
 
         def step(clips, labels):
@@ -110,12 +94,12 @@ def main(argv=None):
             rebuilt["rebuilt_per_clip"] = pred.shape[1]  # tokens the decoder rebuilt, per clip
             return loss
 
-        stats = {**train_epoch(model, loader, optimizer, run, epoch, step, args, ctx), **rebuilt}
+        stats = {**engine.train_epoch(model, loader, optimizer, run, epoch, step, args, ctx), **rebuilt}
         if run.numbered(epoch) and val_set:  # held-out figures beside each numbered checkpoint
-            stats.update(reconstruction_scores(net, val_set, args, ctx))
+            stats.update(evaluate.reconstruction_scores(net, val_set, args, ctx))
             if labelled:
-                stats["knn_top1"] = knn_probe(net.encoder, samples, held_out, args, ctx, frames=dataset.frames)["top1"]
-        run.end_epoch(epoch, stats, picture=lambda path: reconstruction_png(net, demo_clip, args, ctx, path))
+                stats["knn_top1"] = evaluate.knn_probe(net.encoder, samples, held_out, args, ctx, frames=dataset.frames)["top1"]
+        run.end_epoch(epoch, stats, picture=lambda path: evaluate.reconstruction_png(net, demo_clip, args, ctx, path))
     run.close()
 
 
@@ -126,540 +110,11 @@ def held_out_samples(train_samples, args):
     return [(path, label) for path, label in test if path not in seen]
 
 
-def reconstruction_png(net, clip, args, ctx, path):
-    """Original frames / masked input / reconstruction of one clip, one row each, every second frame.
-    The model predicts each hidden tubelet's pixels normalised by that tubelet's own mean and std (norm_pix_loss);
-    to draw them we re-use the true tubelet's mean and std, as the reference code does: colours and brightness of
-    the hidden patches in the picture are borrowed from the original; only the structure is the model's."""
-    net.eval()
-    enc = net.encoder
-    video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)
-    m = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=torch.Generator().manual_seed(0)).to(ctx.device)
-    with torch.no_grad(), autocast(args, ctx):
-        _, pred = net(video, m)
-    patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()  # (1, N, P*C)
-    pixels = models.reconstruction_target(patches, norm_pix_loss=False)  # [0, 1]
-    rows = [pixels, torch.where(m[..., None], torch.full_like(pixels, 0.5), pixels)]
-    recon = pixels.clone()
-    hidden = pixels[m].unflatten(-1, (-1, 3))  # (n, P, 3)
-    p = pred[0].float().unflatten(-1, (-1, 3))
-    if net.norm_pix_loss:
-        p = p * (hidden.var(dim=-2, keepdim=True).sqrt() + 1e-6) + hidden.mean(dim=-2, keepdim=True)
-    recon[m] = p.flatten(-2).clamp(0, 1)
-    rows.append(recon)
-    frames = [models.unpatchify(r, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2] for r in rows]
-    frames = [f.permute(1, 2, 3, 0).cpu().numpy() for f in frames]  # (T/2, H, W, 3), every second frame
-    if net.norm_pix_loss:
-        how = "hidden patches drawn with the true patch mean and std"
-    else:
-        how = "hidden patches as predicted"
-    caption = f"top: original; middle: encoder input; bottom: rebuilt, {how}"
-    write_png(path, plots.film_strip(frames, caption))
-    net.train()
 
 
-def reconstruction_scores(net, dataset, args, ctx):
-    """Mean squared error on held-out clips (one centre clip per video, fixed masks) of the model and of the two
-    trivial predictors on the same clips and masks: the model must beat both to have learnt anything of videos."""
-    net.eval()
-    enc, gen = net.encoder, torch.Generator(ctx.device).manual_seed(0)
-    loader, _ = make_loader(dataset, args, ctx, train=False)
-    sums = torch.zeros(4, dtype=torch.float64)  # model, mean visible, nearest visible, clips
-    with torch.no_grad():
-        for video, *_ in loader:
-            video = data.normalize(video.to(ctx.device).flatten(0, 1))  # (B, 3, T, H, W)
-            m = masks.MASKS[args.mask_type](video.shape[0], enc.grid, args.mask_ratio, generator=gen, device=ctx.device)
-            with autocast(args, ctx):
-                loss = net(video, m)[0].float()
-            target = models.reconstruction_target(models.patchify(video, enc.tubelet_size, enc.patch_size),
-                                                  net.norm_pix_loss)
-            hidden = models.select(target, m)
-            mean_visible, nearest_visible = masks.trivial_predictions(target, m, enc.grid)
-            sums += torch.tensor([loss.item(), F.mse_loss(mean_visible, hidden).item(),
-                                  F.mse_loss(nearest_visible, hidden).item(), 1.0]) * video.shape[0]
-    net.train()
-    model_loss, mean_loss, nearest_loss, clips = all_sum(sums.tolist(), ctx)
-    return {"recon_val": model_loss / clips, "recon_val_mean_visible": mean_loss / clips,
-            "recon_val_nearest_visible": nearest_loss / clips}
 
 
 # ============================================================================= shared with finetune.py
-
-def common_parser(doc, recipes, demo):
-    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    arg = p.add_argument
-    arg("--model", choices=list(models.PRESETS), help=f"model size (default {recipes['K400']['model']}; demo {demo['model']})")
-    arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos (default: the demo set)")
-    arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"], help="format of --data_path (guessed if absent)")
-    arg("--recipe", choices=list(recipes), help="the reference's values for this data set, for every flag not given "
-                                                "(default: the --data_set's own, else K400's; README: the recipes)")
-    arg("--split", type=int, default=1, choices=[1, 2, 3], help="official UCF101/HMDB51 split")
-    arg("--output_dir", help="where logs and checkpoints go (default runs/<script>-<data>)")
-    # Recipe values (None until finish_args): names as in this project, then the reference's spelling where it differs.
-    for names, kind, hint in [(["--batch_size"], int, "videos per process and step"), (["--epochs"], int, ""),
-                              (["--input_size"], int, "crop size in pixels"), (["--num_frames"], int, "frames per clip"),
-                              (["--sampling_rate"], int, "frame stride"), (["--warmup_epochs"], float, ""),
-                              (["--blr", "--lr"], float, "base lr: lr = blr x videos per optimizer step / 256"),
-                              (["--min_blr", "--min_lr"], float, "base lr at the end of the cosine, scaled as blr"),
-                              (["--num_sample"], int, "crops of each decoded clip (repeated sampling; not counted by the lr)"),
-                              (["--save_ckpt_freq"], int, "epochs between numbered checkpoints")]:
-        name = names[0][2:]
-        arg(*names, dest=name, type=kind, help=f"{hint} (K400 recipe {recipes['K400'].get(name)}, demo {demo.get(name)})")
-    arg("--accum_iter", "--update_freq", dest="accum_iter", type=int, default=1,
-        help="steps of gradient accumulation per optimizer step")
-    arg("--in_memory", action="store_true", default=None,
-        help="decode each training video once and keep its frames in memory, for small sets (default: on the demo only)")
-    arg("--per_class", type=int, help="train on the first N videos of each class only (data-efficiency studies)")
-    arg("--weight_decay", type=float, default=0.05)
-    arg("--clip_grad", type=float, help="clip the gradient norm to this value")
-    arg("--num_workers", type=int, help="data loading processes per GPU (default: up to 8; none with --in_memory)")
-    arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
-    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
-    arg("--compile", action="store_true", help="torch.compile the model")
-    arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory for large models")
-    arg("--seed", type=int, default=0)
-    return p
-
-
-def finish_args(parser, argv, recipes, demo):
-    """Parse, fill every flag not given from the recipe (the demo's values over K400's without --data_path) and
-    reject bad values with one line."""
-    args = parser.parse_args(argv)
-    args.demo = args.data_path is None and not getattr(args, "predict", None)  # finetune.py --predict reads no data set
-    if args.demo:
-        args.data_path, args.data_set = str(data.make_demo_dataset("data/demo")), "list"
-    elif args.data_path is not None and not os.path.exists(args.data_path):
-        parser.error(f"--data_path {args.data_path} does not exist")
-    args.data_set = args.data_set or (data.guess_data_set(args.data_path) if args.data_path else None)
-    args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
-    recipe = {**recipes[args.recipe], **demo} if args.demo else recipes[args.recipe]
-    args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # flags not given
-    for key in args.recipe_defaults:
-        setattr(args, key, recipe[key])
-    script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    run = "predict" if getattr(args, "predict", None) else "demo" if args.demo else args.data_set or "data"
-    args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    if args.num_workers is None:  # clips cut from frames held in memory cost less than starting worker processes
-        args.num_workers = 0 if args.in_memory else min(8, os.cpu_count() or 1)
-    if args.num_frames % models.TUBELET_SIZE:
-        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size {models.TUBELET_SIZE}")
-    if args.input_size % models.PATCH_SIZE:
-        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size {models.PATCH_SIZE}")
-    for name in ("batch_size", "epochs", "sampling_rate", "num_sample", "accum_iter", "save_ckpt_freq", "per_class"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
-    return args
-
-
-class Context:
-    """Where this process runs: rank, world size, device; only rank 0 prints."""
-
-    def __init__(self, args):
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(args.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if self.world > 1:  # started by torchrun: nccl between GPUs, gloo between CPU processes
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
-
-    def print(self, *a):
-        if self.main:
-            print(*a, flush=True)
-
-
-def setup(args):
-    """The process's Context, the lr and min_lr from the base values, the seed. The reference's rule: the base
-    values times videos per optimizer step / 256; the num_sample clips cut from each video are not counted."""
-    ctx = Context(args)
-    videos = args.batch_size * ctx.world * args.accum_iter  # videos per optimizer step
-    args.lr = args.blr * videos / 256
-    args.min_lr = args.min_blr * videos / 256
-    ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, min_lr {args.min_lr:.3g}"
-              f" ({args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum; recipe {'demo' if args.demo else args.recipe})")
-    torch.manual_seed(args.seed)
-    return ctx
-
-
-def training_subset(samples, args):
-    """The first --per_class training videos of each class; all of them without the flag."""
-    kept, count = [], {}
-    for path, label in samples:
-        count[label] = count.get(label, 0) + 1
-        if args.per_class is None or count[label] <= args.per_class:
-            kept.append((path, label))
-    return kept
-
-
-def start_epoch(epoch, sampler, args, ctx):
-    """Seed the epoch's shuffle, torch's RNG (data workers, drop path, mixup) and a device generator from (seed,
-    epoch, rank): a resumed run replays exactly what the uninterrupted one would."""
-    sampler.set_epoch(epoch)
-    torch.manual_seed(((args.seed + 1) * 1_000_003 + epoch) * 1009 + ctx.rank)
-    return torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + epoch) * 1009 + ctx.rank)
-
-
-def param_groups(model, weight_decay, layer_decay=None):
-    """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with layer_decay,
-    lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1 for fc_norm and head."""
-    depth = len(model.blocks) if hasattr(model, "blocks") else 0
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2 and name != "mask_token"
-        layer = (0 if name.startswith("patch_embed") else int(name.split(".")[1]) + 1 if name.startswith("blocks.")
-                 else depth + 1)
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
-        g = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})
-        g["params"].append(p)
-    return list(groups.values())
-
-
-def lr_at(epoch, args):
-    """Linear warmup from 0, then a cosine down to min_lr; `epoch` is fractional (a pure function)."""
-    if epoch < args.warmup_epochs:
-        return args.lr * epoch / args.warmup_epochs
-    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def autocast(args, ctx):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    return torch.autocast(ctx.device.type, dtype) if dtype else contextlib.nullcontext()
-
-
-def make_loader(dataset, args, ctx, train):
-    from torch.utils.data import DataLoader, DistributedSampler
-    sampler = DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed, drop_last=train)
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
-                        pin_memory=ctx.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if args.num_workers else None)
-    if train and len(loader) < args.accum_iter:  # drop_last: not one whole step; the loop would run none
-        fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x {ctx.world} processes x "
-             f"{args.accum_iter} accum_iter = {args.batch_size * ctx.world * args.accum_iter}; lower --batch_size "
-             f"or --accum_iter, or add videos", ctx)
-    return loader, sampler
-
-
-def wrap(net, args, ctx):
-    model = torch.compile(net) if args.compile else net
-    if ctx.world > 1:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return model
-
-
-def all_sum(values, ctx):
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def train_epoch(model, loader, optimizer, run, epoch, step, args, ctx):
-    """One epoch of `loss = step(clips, labels)` with accumulation, lr schedule, clipping and the epoch's figures."""
-    model.train()
-    n_steps = len(loader) // args.accum_iter
-    loss_sum, clips, subst, wait, t0 = torch.zeros((), device=ctx.device), 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(total=n_steps, desc=f"epoch {epoch}", disable=not ctx.main, dynamic_ncols=True)
-    loader.dataset.bad |= run.bad_videos.unreadable  # this epoch's workers skip the files known to be broken
-    batches = iter(loader)
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    for it in range(n_steps * args.accum_iter):
-        tw = time.perf_counter()
-        try:
-            video, labels, index, substituted, truncated = next(batches)
-        except data.VideoReadError:  # every video failed (the first failures came with their names)
-            fail(f"stopping: none of the {len(loader.dataset)} videos of {args.data_path} can be read; run "
-                 f"`python data.py --check {args.data_path}`", ctx, bar)
-        wait += time.perf_counter() - tw
-        run.bad_videos.add(index, substituted, truncated)
-        video = data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1))  # (B*num_sample, 3, T, H, W)
-        labels = labels.to(ctx.device).repeat_interleave(args.num_sample)
-        if it % args.accum_iter == 0:  # one lr per optimizer step, set at its first batch: as with a bigger batch
-            lr = lr_at(epoch + it // args.accum_iter / n_steps, args)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-        sync = (it + 1) % args.accum_iter == 0
-        with (contextlib.nullcontext() if sync or ctx.world == 1 else model.no_sync()), autocast(args, ctx):
-            loss = step(video, labels)
-        run.scaler.scale(loss / args.accum_iter).backward()
-        if sync:
-            if args.clip_grad:
-                run.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            run.scaler.step(optimizer)
-            run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        clips, subst = clips + video.shape[0], subst + int(substituted.sum())
-        if it % 10 == 0 or it == n_steps * args.accum_iter - 1:
-            check_finite(loss_sum, epoch, it, run, ctx, bar)
-            if run.bad_videos.sync():
-                fail(run.bad_videos.too_many(args, run.latest), ctx, bar)
-            bar.set_postfix(loss=f"{loss_sum.item() / (it + 1):.4f}", lr=f"{lr:.2e}",
-                            clips_s=f"{clips * ctx.world / (time.perf_counter() - t0):.1f}")
-        bar.update(sync)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    total_loss, total_clips, total_subst, total_steps = all_sum([loss_sum.item(), clips, subst, it + 1], ctx)
-    peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"epoch": epoch, "loss": total_loss / total_steps, "lr": lr, "clips_per_s": total_clips / elapsed,
-            "clips_per_step": total_clips * args.accum_iter * ctx.world / total_steps, "data_wait": wait / elapsed,
-            "peak_mem_mb": round(peak), "substituted": int(total_subst), "epoch_s": elapsed}
-
-
-def per_video(fn, dataset, args, ctx):
-    """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset, across all
-    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, and the videos that
-    could not be read (their items hold another video's views)."""
-    loader, _ = make_loader(dataset, args, ctx, train=False)
-    idx, out, unreadable = [], [], torch.zeros(len(dataset))
-    with torch.no_grad():
-        for video, _, index, substituted, _ in loader:
-            B, V = video.shape[:2]
-            with autocast(args, ctx):
-                values = fn(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
-            out.append(values.float().view(B, V, -1).cpu())
-            idx.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
-            unreadable[index[substituted > 0]] = 1
-    idx, out = gather(torch.cat(idx).flatten(0, 1), ctx), gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, 2), (rows, K)
-    merged, seen = merge_views(idx, out, len(dataset))
-    return merged, seen, torch.tensor(all_sum(unreadable.tolist(), ctx)) > 0
-
-
-def merge_views(indices, probs, num_videos):
-    """Average the softmax scores of every view of each video; `indices` name the video of each row. Rows
-    repeated by a distributed sampler's padding are counted once. Returns (num_videos, C) and the count seen."""
-    merged = torch.zeros(num_videos, probs.shape[1], dtype=torch.float64)
-    views = torch.zeros(num_videos, dtype=torch.float64)
-    unique_rows = {}
-    for row, (i, view) in enumerate(indices.tolist()):
-        unique_rows[(i, view)] = row  # the same (video, view) twice is the padding
-    rows = torch.tensor(list(unique_rows.values()), dtype=torch.long)
-    vids = indices[rows, 0]
-    merged.index_add_(0, vids, probs[rows].double())
-    views.index_add_(0, vids, torch.ones(len(rows), dtype=torch.float64))
-    seen = views > 0
-    return merged / views.clamp(min=1)[:, None], seen
-
-
-def gather(t, ctx):
-    """Rows of every process, concatenated (each holds the same number: the sampler pads)."""
-    if ctx.world == 1:
-        return t
-    parts = [torch.empty_like(t.to(ctx.device)) for _ in range(ctx.world)]
-    dist.all_gather(parts, t.to(ctx.device))
-    return torch.cat(parts).cpu()
-
-
-def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most similar training
-    videos vote for their class with weight exp(similarity / temperature). Returns votes (num_test, num_classes)."""
-    similarity = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T  # (M, N)
-    top, neighbour = similarity.topk(min(k, len(train_labels)), dim=1)  # (M, k)
-    votes = torch.zeros(len(test_features), num_classes, dtype=similarity.dtype)
-    return votes.scatter_add_(1, train_labels[neighbour], (top / temperature).exp())
-
-
-def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
-    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the training videos
-    to the test videos. `frames`: videos already decoded in memory ({path: frames}, VideoDataset.frames), not
-    decoded again. Returns {"top1", "top5", "k", "num_videos"}."""
-    encoder.eval()
-    features = []
-    for samples in (train_samples, test_samples):
-        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
-                                    test_num_segment=1, test_num_crop=1)
-        dataset.frames = frames or {}
-        values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
-        labels = torch.tensor([label for _, label in samples])
-        features.append((values[seen & ~unreadable], labels[seen & ~unreadable]))
-    encoder.train()
-    (train_x, train_y), (test_x, test_y) = features
-    votes = knn_classify(train_x, train_y, test_x, int(max(train_y.max(), test_y.max())) + 1, k)
-    scores = score(votes, test_y, torch.ones(len(test_y), dtype=torch.bool))
-    return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
-
-
-def score(probs, labels, scored):
-    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True; probs may be any
-    class scores (softmax, k-NN votes)."""
-    pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
-    correct, labels_seen = (pred == labels)[scored], labels[scored]
-    in_top5 = (top5 == labels[:, None]).any(1)[scored]
-    per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
-    return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
-            "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
-
-
-def check_finite(loss_sum, epoch, it, run, ctx, bar):
-    if all_sum([float(not torch.isfinite(loss_sum))], ctx)[0] > 0:  # every process stops together
-        fail(f"loss is not finite at epoch {epoch} step {it}: stopping. The last good checkpoint is "
-             f"{run.latest}; lower --lr or --blr, or use --dtype bf16 instead of fp16, then rerun to resume.", ctx, bar)
-
-
-def fail(message, ctx, bar=None):
-    """Stop the run: progress bar closed, `message` as rank 0's last line, exit status 1 on every process, no
-    traceback; the checkpoints stay as they are."""
-    if bar is not None:
-        bar.close()
-    ctx.print(message)
-    leave_process_group(ctx)
-    sys.exit(1)
-
-
-def leave_process_group(ctx):
-    if ctx.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-class BadVideos:
-    """The run's record of damaged training videos, from what the items report. Workers restart every epoch and
-    each loads only its share, so the record lives here, synchronised across processes: each file is named once
-    per run, and the unreadable ones of all workers and processes count against the dataset's max_bad_fraction."""
-
-    def __init__(self, dataset, ctx):
-        self.samples, self.ctx = dataset.samples, ctx
-        self.limit = max(int(dataset.max_bad_fraction * len(dataset)), 2)  # unreadable files tolerated
-        self.unreadable, self.truncated, self.news = set(), set(), []  # news: (sample, frames that decode or 0)
-
-    def add(self, index, substituted, truncated):
-        """A batch's items: item i skipped `substituted` unreadable samples, then read i + substituted."""
-        for i, skipped, frames in zip(index.tolist(), substituted.tolist(), truncated.tolist()):
-            self.news += [(i + k, 0) for k in range(skipped)] + ([(i + skipped, frames)] if frames else [])
-
-    def sync(self):
-        """Gather every process's news; name each new file (above the progress bar). True when over the limit."""
-        mine, self.news = self.news, []
-        news = [mine]
-        if self.ctx.world > 1:
-            news = [None] * self.ctx.world
-            dist.all_gather_object(news, mine)
-        for j, frames in (item for part in news for item in part):
-            path = self.samples[j % len(self.samples)][0]
-            known = self.truncated if frames else self.unreadable
-            if path not in known and self.ctx.main:
-                tqdm.write(f"truncated video, only its first {frames} frames decode (the last one repeats): {path}"
-                           if frames else f"unreadable video, another sample used in its place: {path}")
-            known.add(path)
-        return len(self.unreadable) > self.limit
-
-    def too_many(self, args, checkpoint):
-        names = sorted(self.unreadable)
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        check = f"python data.py --check {args.data_path}" + (f" --data_set {args.data_set}" if args.data_set else "")
-        return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, more than the "
-                f"{self.limit} tolerated: {listed}; run `{check}` and remove or re-encode them; the last good "
-                f"checkpoint is {checkpoint if os.path.exists(checkpoint) else 'none (no epoch finished)'}")
-
-
-def resume_path(args):
-    """--resume, else the newest checkpoint in --output_dir; None for a fresh run."""
-    latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
-    return args.resume or (latest if os.path.exists(latest) else None)
-
-
-CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
-          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
-
-
-def curves_png(log_path, path):
-    """curves.png: one panel for each figure of CURVES that log.jsonl holds, against the epoch."""
-    records = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if "epoch" in r]
-    panels = [plots.line_chart([(r["epoch"], r[key]) for r in records if key in r], title,
-                               percent=key.endswith("top1"))
-              for key, title in CURVES.items() if any(key in r for r in records)]
-    write_png(path, np.hstack(panels))
-
-
-def write_png(path, img):
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
-
-
-class Run:
-    """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one. Without an optimizer,
-    an evaluation: it appends its lines to the log and leaves every earlier file alone."""
-
-    def __init__(self, args, ctx, net, optimizer, train_set=None):
-        self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
-        self.log_path = os.path.join(args.output_dir, "log.jsonl")
-        self.latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
-        self.bad_videos = None if train_set is None else BadVideos(train_set, ctx)
-        self.start_epoch = 0
-        config = {"config": {k: v for k, v in vars(args).items()}, "world_size": ctx.world}
-        if optimizer is None:  # evaluation only: weights were loaded by the caller
-            if ctx.main:
-                os.makedirs(args.output_dir, exist_ok=True)
-                ctx.print(f"evaluation: its lines are appended to {self.log_path}")
-            self.log({**config, "evaluation": True})
-            return
-        resume = resume_path(args)
-        if resume:
-            ckpt = read_file(resume)
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            self.start_epoch = ckpt["epoch"] + 1
-            ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
-        if ctx.main:
-            os.makedirs(args.output_dir, exist_ok=True)
-            for name in os.listdir(args.output_dir):  # half-written files of a killed run
-                if ".tmp" in name:
-                    os.remove(os.path.join(args.output_dir, name))
-            # an epoch is logged before its checkpoint is written: a killed run may have logged epochs that its
-            # checkpoint does not hold (or half a line). They are run, and logged, again.
-            old = [line for line in open(self.log_path)] if resume and os.path.exists(self.log_path) else []
-            keep = [line for line in old if logged_epoch(line) < self.start_epoch]
-            config["resumed_at_epoch"] = self.start_epoch if resume else None
-            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(keep) + json.dumps(config) + "\n"))
-
-    def log(self, record):
-        if self.ctx.main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def end_epoch(self, epoch, stats, picture=None):
-        """Log, then checkpoint (latest every epoch, numbered every save_ckpt_freq and at the end): whenever the
-        run is killed, the log holds every epoch of the newest checkpoint, and a resume drops the lines past it."""
-        args, ctx = self.args, self.ctx
-        self.log(stats)
-        if ctx.main:
-            curves_png(self.log_path, os.path.join(args.output_dir, "curves.png"))
-        if ctx.main:
-            ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(args)}
-            atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
-            if self.numbered(epoch):
-                atomic_write(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"), lambda tmp: torch.save(ckpt, tmp))
-                if picture:
-                    picture(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"))
-        ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-
-    def numbered(self, epoch):
-        """Epochs that get a numbered checkpoint (and the held-out figures): every save_ckpt_freq, and the last."""
-        return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
-
-    def close(self):
-        leave_process_group(self.ctx)
-
-
-def logged_epoch(line):
-    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is dropped."""
-    try:
-        return json.loads(line).get("epoch", -1)
-    except json.JSONDecodeError:
-        return math.inf
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import data
 import mask as M
 import model as MD
 import weights as W
+import evaluate
 
 TINY = dict(img_size=32, num_frames=4, patch_size=8, tubelet_size=2, embed_dim=48, depth=2, num_heads=3,
             decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
@@ -126,12 +127,12 @@ def test_trivial_predictions_on_a_hand_made_clip():
     grid = (2, 2, 2)  # 8 tokens of one pixel and 3 channels; token k holds (3k, 3k+1, 3k+2)
     target = torch.arange(24, dtype=torch.float).view(1, 8, 3)
     hidden = torch.tensor([[True, False, False, True, True, True, True, False]])  # visible: 1, 2 and 7
-    mean_visible, nearest_visible = M.trivial_predictions(target, hidden, grid)
+    mean_visible, nearest_visible = evaluate.trivial_predictions(target, hidden, grid)
     assert torch.equal(mean_visible, torch.tensor([[10.0, 11.0, 12.0]]).expand(1, 5, 3))  # (3+6+21)/3, ...
     # slice 0: tokens 0 and 3 are one step from 1 and from 2 (the first wins); slice 1 shows only token 7
     assert torch.equal(nearest_visible, target[:, [1, 1, 7, 7, 7]])
     empty = torch.tensor([[False, False, False, False, True, True, True, True]])  # slice 1 shows nothing
-    assert torch.equal(M.trivial_predictions(target, empty, grid)[1], target[:, [0, 1, 2, 3]])
+    assert torch.equal(evaluate.trivial_predictions(target, empty, grid)[1], target[:, [0, 1, 2, 3]])
 
 
 def test_loss_ignores_visible_tokens():
@@ -435,7 +436,7 @@ def test_exported_models_compute_what_ours_do_in_transformers(tmp_path):
 # ----------------------------------------------------------------------------- training pieces
 
 def test_param_groups_layer_decay_and_no_decay_on_biases():
-    from pretrain import param_groups
+    from engine import param_groups
     vit = tiny_vit()
     groups = param_groups(vit, 0.05, layer_decay=0.5)
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
@@ -454,7 +455,7 @@ def test_param_groups_layer_decay_and_no_decay_on_biases():
 
 def test_lr_schedule_warmup_then_cosine():
     from types import SimpleNamespace
-    from pretrain import lr_at
+    from engine import lr_at
     a = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
     assert lr_at(0, a) == 0 and lr_at(1, a) == 0.5 and lr_at(2, a) == 1.0
     assert math.isclose(lr_at(6, a), 0.55) and math.isclose(lr_at(10, a), 0.1)
@@ -482,7 +483,7 @@ def test_mixup_and_cutmix_targets_sum_to_one():
 
 
 def test_merge_views_averages_each_video_once():
-    from pretrain import merge_views
+    from evaluate import merge_views
     # 3 videos x 2 views; rows of video 0 repeated, as a distributed sampler's padding does
     idx = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [0, 0], [0, 1]])
     probs = torch.tensor([[1., 0], [0, 1], [1, 0], [1, 0], [0, 1], [0, 1], [1., 0], [0, 1]])
@@ -492,7 +493,7 @@ def test_merge_views_averages_each_video_once():
 
 
 def test_scores_top1_top5_and_mean_class_accuracy():
-    from finetune import score
+    from evaluate import score
     # 5 videos, 7 classes; each row lists the classes from the highest score down
     order = [[0, 1, 2, 3, 4, 5, 6],  # label 0 first: top-1
              [4, 5, 1, 0, 2, 3, 6],  # label 1 third: top-5 only
@@ -509,7 +510,7 @@ def test_scores_top1_top5_and_mean_class_accuracy():
 
 
 def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
-    from pretrain import curves_png
+    from engine import curves_png
     from plots import nice_ticks
     for lo, hi in [(0.0114, 0.429), (4e-5, 0.0156), (0.41, 0.41), (4.51, 4.62), (0, 29)]:
         ticks = nice_ticks(lo, hi)
@@ -527,7 +528,7 @@ def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
 
 
 def test_confusion_png_prints_each_share_in_its_cell():
-    from finetune import confusion_png
+    from evaluate import confusion_png
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         # true 0 0 1 1 2 2 -> predicted 0 0 1 2 2 2: rows share 1, 0.5/0.5, 1
@@ -1055,6 +1056,7 @@ def test_demo_classes_are_learnable_from_the_loaders_clips(tmp_path):
 # ----------------------------------------------------------------------------- the scripts, end to end
 
 import pretrain  # noqa: E402
+import engine  # noqa: E402
 import finetune  # noqa: E402
 
 SIZES = ["--model", "tiny", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2"]
@@ -1272,7 +1274,7 @@ def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_clas
 def test_knn_probe_separates_a_separable_set(tmp_path, two_classes, capsys):
     # cosine k-NN with similarity-weighted votes, by hand: the two nearest vote 1 (weights e^(0.9/0.07), e^(0.8/0.07))
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
-    votes = pretrain.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[0.0, 2.0]]), 3, k=2)
+    votes = evaluate.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[0.0, 2.0]]), 3, k=2)
     sims = F.normalize(train, dim=1) @ torch.tensor([0.0, 1.0])
     torch.testing.assert_close(votes, torch.tensor([[0.0, (sims[1] / 0.07).exp() + (sims[2] / 0.07).exp(), 0.0]]))
     # dark and bright videos: the features of a pre-training of one epoch tell them apart
@@ -1320,7 +1322,7 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
         pass
 
     ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=lambda *a: None)
-    atomic_write, log = W.atomic_write, pretrain.Run.log
+    atomic_write, log = W.atomic_write, engine.Run.log
     for kill_at in range(4):
         for half_line in (False, True):
             out = tmp_path / f"kill{kill_at}{'-half' * half_line}"
@@ -1335,13 +1337,13 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
                         raise Killed
                 return write(*a, **k)
 
-            monkeypatch.setattr(pretrain, "atomic_write", lambda *a, **k: counted(atomic_write, *a, **k))
-            monkeypatch.setattr(pretrain.Run, "log", lambda *a, **k: counted(log, *a, **k))
+            monkeypatch.setattr(engine, "atomic_write", lambda *a, **k: counted(atomic_write, *a, **k))
+            monkeypatch.setattr(engine.Run, "log", lambda *a, **k: counted(log, *a, **k))
             args = SimpleNamespace(dtype="fp32", output_dir=str(out), resume=None, epochs=3, save_ckpt_freq=1)
             for attempt in range(2):
                 net = torch.nn.Linear(2, 2)
                 saved, writes = writes, None
-                run = pretrain.Run(args, ctx, net, torch.optim.AdamW(net.parameters()))  # (resumes the second time)
+                run = engine.Run(args, ctx, net, torch.optim.AdamW(net.parameters()))  # (resumes the second time)
                 writes = saved
                 try:
                     for epoch in range(run.start_epoch, args.epochs):
@@ -1354,7 +1356,7 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
 
 def test_unreadable_test_videos_are_named_not_scored(videos, tmp_path):
     from types import SimpleNamespace
-    from finetune import predict_and_score
+    from evaluate import predict_and_score
     (tmp_path / "zero.avi").write_bytes(b"")
     samples = [(videos["avi"], 0), (str(tmp_path / "zero.avi"), 1), (videos["mp4"], 2)]
     ds = data.VideoDataset(samples, "test", num_frames=4, sampling_rate=2, input_size=32, test_num_segment=1,
@@ -1570,7 +1572,9 @@ def parsed_args(script, argv, monkeypatch):
     def stop(args):
         raise StopAt(args)
     with monkeypatch.context() as patch, pytest.raises(StopAt) as stopped:
-        patch.setattr(script, "setup", stop)
+        patch.setattr(engine, "setup", stop)
+        if hasattr(script, "setup"):
+            patch.setattr(script, "setup", stop)
         script.main(argv)
     return stopped.value.args[0]
 
@@ -1609,14 +1613,14 @@ def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeyp
         args = parsed_args(script, [], monkeypatch)
         assert {k: vars(args)[k] for k in script.DEMO} == script.DEMO and args.min_blr == script.K400["min_blr"]
     # The reference's UCF101 fine-tuning flags, as its script spells them, on 8 GPUs: lr 5e-4 x 16 x 8 / 256
-    monkeypatch.setattr(pretrain, "Context", lambda args: __import__("types").SimpleNamespace(world=8, print=print))
+    monkeypatch.setattr(engine, "Context", lambda args: __import__("types").SimpleNamespace(world=8, print=print))
     args = parsed_args(finetune, ["--data_path", str(root), "--data_set", "UCF101", "--batch_size", "16",
                                   "--num_sample", "2", "--lr", "5e-4", "--min_lr", "1e-5", "--layer_decay", "0.7",
                                   "--fc_drop_rate", "0.5", "--drop_path", "0.2", "--update_freq", "1"], monkeypatch)
-    pretrain.setup(args)
+    engine.setup(args)
     assert math.isclose(args.lr, 2.5e-4) and math.isclose(args.min_lr, 5e-6) and args.head_drop_rate == 0.5
     args = parsed_args(pretrain, ["--data_path", str(root), "--update_freq", "3"], monkeypatch)
-    pretrain.setup(args)  # the UCF101 pre-training script: lr 3e-4 x 24 x 8 / 256, here x 3 accumulation steps
+    engine.setup(args)  # the UCF101 pre-training script: lr 3e-4 x 24 x 8 / 256, here x 3 accumulation steps
     assert math.isclose(args.lr, 3e-4 * 24 * 8 * 3 / 256) and math.isclose(args.min_lr, 1e-5 * 24 * 8 * 3 / 256)
 
 
