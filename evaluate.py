@@ -1,5 +1,6 @@
-"""How good a model is: multi-view testing, the k-NN probe of frozen features, the reconstruction loss
-beside two predictors that know nothing of videos, and the pictures of each."""
+"""How good a model is: multi-view testing of a classifier, the k-NN probe of frozen features, and the
+reconstruction loss of a pre-training model beside two predictors that know nothing of videos; with the
+pictures of each (drawn by plots.py)."""
 import os
 
 import numpy as np
@@ -13,157 +14,59 @@ import plots
 from engine import all_sum, autocast, gather, make_loader, write_png
 
 
-def trivial_predictions(target, mask, grid):
-    """What the visible tokens give away without any learning, the yardsticks for the reconstruction loss: for the
-    hidden tokens of each clip, 'mean_visible' fills every one with the mean of the clip's visible pixels (per
-    channel), 'nearest_visible' copies the nearest visible token of the same time slice (grid distance, ties to
-    the first in token order; the nearest slice if a slice shows none). Random masking leaves a visible neighbour
-    in the next slice of almost every hidden token; tube masking does not (Sec. 3.3). target (B, N, P*C) of every
-    token in the loss's target space, mask (B, N) True = hidden. Returns both as (B, N_hidden, P*C)."""
-    B, N, D = target.shape
-    pixels = target.view(B, N, -1, 3)  # (B, N, P, C), channel fastest
-    visible = ~mask
-    mean = (pixels * visible[..., None, None]).sum(dim=(1, 2)) / (visible.sum(1)[:, None] * pixels.shape[2])  # (B, C)
-    mean_visible = mean[:, None, None, :].expand_as(pixels).reshape(B, N, D)
-    t, h, w = torch.meshgrid(*(torch.arange(s, device=target.device) for s in grid), indexing="ij")
-    coords = torch.stack([t.flatten() * (grid[1] + grid[2]), h.flatten(), w.flatten()], 1).float()  # slices far apart
-    dist = torch.cdist(coords, coords)[None].expand(B, N, N).masked_fill(mask[:, None, :], float("inf"))
-    source = dist.argmin(dim=2)  # (B, N): the nearest visible token of each token
-    nearest_visible = torch.gather(target, 1, source[..., None].expand(B, N, D))
-    return mean_visible[mask].view(B, -1, D), nearest_visible[mask].view(B, -1, D)
-
+# ----------------------------------------------------------------------------- every view of every video
 
 def per_video(fn, dataset, args, ctx):
     """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset, across all
-    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, and the videos that
-    could not be read (their items hold another video's views)."""
+    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, and the videos
+    that could not be read (their items hold another video's views)."""
     loader, _ = make_loader(dataset, args, ctx, train=False)
-    idx, out, unreadable = [], [], torch.zeros(len(dataset))
+    rows, out = [], []
+    unreadable = torch.zeros(len(dataset))
     with torch.no_grad():
         for video, _, index, substituted, _ in loader:
             B, V = video.shape[:2]
             with autocast(args, ctx):
                 values = fn(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
             out.append(values.float().view(B, V, -1).cpu())
-            idx.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
+            rows.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
             unreadable[index[substituted > 0]] = 1
-    idx, out = gather(torch.cat(idx).flatten(0, 1), ctx), gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, 2), (rows, K)
-    merged, seen = merge_views(idx, out, len(dataset))
+    rows = gather(torch.cat(rows).flatten(0, 1), ctx)  # (rows, 2): (video, view) of each row
+    out = gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, K)
+    merged, seen = merge_views(rows, out, len(dataset))
     return merged, seen, torch.tensor(all_sum(unreadable.tolist(), ctx)) > 0
 
 
 def merge_views(indices, probs, num_videos):
-    """Average the softmax scores of every view of each video; `indices` name the video of each row. Rows
-    repeated by a distributed sampler's padding are counted once. Returns (num_videos, C) and the count seen."""
-    merged = torch.zeros(num_videos, probs.shape[1], dtype=torch.float64)
-    views = torch.zeros(num_videos, dtype=torch.float64)
+    """Average the scores of every view of each video; `indices` (rows, 2) name the (video, view) of each row.
+    Rows repeated by a distributed sampler's padding are counted once. Returns (num_videos, C) and the videos
+    seen."""
     unique_rows = {}
     for row, (i, view) in enumerate(indices.tolist()):
         unique_rows[(i, view)] = row  # the same (video, view) twice is the padding
     rows = torch.tensor(list(unique_rows.values()), dtype=torch.long)
-    vids = indices[rows, 0]
-    merged.index_add_(0, vids, probs[rows].double())
-    views.index_add_(0, vids, torch.ones(len(rows), dtype=torch.float64))
-    seen = views > 0
-    return merged / views.clamp(min=1)[:, None], seen
+    videos = indices[rows, 0]
+    merged = torch.zeros(num_videos, probs.shape[1], dtype=torch.float64)
+    merged.index_add_(0, videos, probs[rows].double())
+    views = torch.zeros(num_videos, dtype=torch.float64)
+    views.index_add_(0, videos, torch.ones(len(rows), dtype=torch.float64))
+    return merged / views.clamp(min=1)[:, None], views > 0
 
 
 def score(probs, labels, scored):
-    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True; probs may be any
-    class scores (softmax, k-NN votes)."""
-    pred, top5 = probs.argmax(1), probs.topk(min(5, probs.shape[1]), dim=1).indices
-    correct, labels_seen = (pred == labels)[scored], labels[scored]
+    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True; probs may be
+    any class scores (softmax, k-NN votes)."""
+    pred = probs.argmax(1)
+    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    correct = (pred == labels)[scored]
+    labels_seen = labels[scored]
     in_top5 = (top5 == labels[:, None]).any(1)[scored]
     per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
     return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
             "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
-def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most similar training
-    videos vote for their class with weight exp(similarity / temperature). Returns votes (num_test, num_classes)."""
-    similarity = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T  # (M, N)
-    top, neighbour = similarity.topk(min(k, len(train_labels)), dim=1)  # (M, k)
-    votes = torch.zeros(len(test_features), num_classes, dtype=similarity.dtype)
-    return votes.scatter_add_(1, train_labels[neighbour], (top / temperature).exp())
-
-
-def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
-    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the training videos
-    to the test videos. `frames`: videos already decoded in memory ({path: frames}, VideoDataset.frames), not
-    decoded again. Returns {"top1", "top5", "k", "num_videos"}."""
-    encoder.eval()
-    features = []
-    for samples in (train_samples, test_samples):
-        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
-                                    test_num_segment=1, test_num_crop=1)
-        dataset.frames = frames or {}
-        values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
-        labels = torch.tensor([label for _, label in samples])
-        features.append((values[seen & ~unreadable], labels[seen & ~unreadable]))
-    encoder.train()
-    (train_x, train_y), (test_x, test_y) = features
-    votes = knn_classify(train_x, train_y, test_x, int(max(train_y.max(), test_y.max())) + 1, k)
-    scores = score(votes, test_y, torch.ones(len(test_y), dtype=torch.bool))
-    return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
-
-
-def reconstruction_scores(net, dataset, args, ctx):
-    """Mean squared error on held-out clips (one centre clip per video, fixed masks) of the model and of the two
-    trivial predictors on the same clips and masks: the model must beat both to have learnt anything of videos."""
-    net.eval()
-    enc, gen = net.encoder, torch.Generator(ctx.device).manual_seed(0)
-    loader, _ = make_loader(dataset, args, ctx, train=False)
-    sums = torch.zeros(4, dtype=torch.float64)  # model, mean visible, nearest visible, clips
-    with torch.no_grad():
-        for video, *_ in loader:
-            video = data.normalize(video.to(ctx.device).flatten(0, 1))  # (B, 3, T, H, W)
-            m = masks.MASKS[args.mask_type](video.shape[0], enc.grid, args.mask_ratio, generator=gen, device=ctx.device)
-            with autocast(args, ctx):
-                loss = net(video, m)[0].float()
-            target = models.reconstruction_target(models.patchify(video, enc.tubelet_size, enc.patch_size),
-                                                  net.norm_pix_loss)
-            hidden = models.select(target, m)
-            mean_visible, nearest_visible = trivial_predictions(target, m, enc.grid)
-            sums += torch.tensor([loss.item(), F.mse_loss(mean_visible, hidden).item(),
-                                  F.mse_loss(nearest_visible, hidden).item(), 1.0]) * video.shape[0]
-    net.train()
-    model_loss, mean_loss, nearest_loss, clips = all_sum(sums.tolist(), ctx)
-    return {"recon_val": model_loss / clips, "recon_val_mean_visible": mean_loss / clips,
-            "recon_val_nearest_visible": nearest_loss / clips}
-
-
-def reconstruction_png(net, clip, args, ctx, path):
-    """Original frames / masked input / reconstruction of one clip, one row each, every second frame.
-    The model predicts each hidden tubelet's pixels normalised by that tubelet's own mean and std (norm_pix_loss);
-    to draw them we re-use the true tubelet's mean and std, as the reference code does: colours and brightness of
-    the hidden patches in the picture are borrowed from the original; only the structure is the model's."""
-    net.eval()
-    enc = net.encoder
-    video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)
-    m = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=torch.Generator().manual_seed(0)).to(ctx.device)
-    with torch.no_grad(), autocast(args, ctx):
-        _, pred = net(video, m)
-    patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()  # (1, N, P*C)
-    pixels = models.reconstruction_target(patches, norm_pix_loss=False)  # [0, 1]
-    rows = [pixels, torch.where(m[..., None], torch.full_like(pixels, 0.5), pixels)]
-    recon = pixels.clone()
-    hidden = pixels[m].unflatten(-1, (-1, 3))  # (n, P, 3)
-    p = pred[0].float().unflatten(-1, (-1, 3))
-    if net.norm_pix_loss:
-        p = p * (hidden.var(dim=-2, keepdim=True).sqrt() + 1e-6) + hidden.mean(dim=-2, keepdim=True)
-    recon[m] = p.flatten(-2).clamp(0, 1)
-    rows.append(recon)
-    frames = [models.unpatchify(r, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2] for r in rows]
-    frames = [f.permute(1, 2, 3, 0).cpu().numpy() for f in frames]  # (T/2, H, W, 3), every second frame
-    if net.norm_pix_loss:
-        how = "hidden patches drawn with the true patch mean and std"
-    else:
-        how = "hidden patches as predicted"
-    caption = f"top: original; middle: encoder input; bottom: rebuilt, {how}"
-    write_png(path, plots.film_strip(frames, caption))
-    net.train()
-
+# ----------------------------------------------------------------------------- a classifier: multi-view testing
 
 def predict_and_score(net, dataset, args, ctx, want_probs=False):
     """Every view of every video through the model, softmax averaged per video, across all processes. A video
@@ -173,20 +76,25 @@ def predict_and_score(net, dataset, args, ctx, want_probs=False):
     net.train()
     labels = torch.tensor([label for _, label in dataset.samples])
     scores = score(probs, labels, seen & ~unreadable)
-    scores.update(views=dataset.segments * dataset.crops, unreadable=int(unreadable.sum()),
-                  unreadable_files=[dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()])
-    return (scores, probs.argmax(1), labels) if want_probs else scores
+    scores["views"] = dataset.segments * dataset.crops
+    scores["unreadable"] = int(unreadable.sum())
+    scores["unreadable_files"] = [dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()]
+    if want_probs:
+        return scores, probs.argmax(1), labels
+    return scores
 
 
 def multi_view_test(net, dataset, args, ctx, run, classes):
+    """The test: scores printed and logged, confusion.png written (confusion-evalN.png by an evaluation)."""
     scores, pred, labels = predict_and_score(net, dataset, args, ctx, want_probs=True)
-    ctx.print(f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
-              f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}"
-              + (f"; {scores['unreadable']} unreadable, not scored: {', '.join(scores['unreadable_files'])}"
-                 if scores["unreadable"] else ""))
+    line = (f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
+            f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}")
+    if scores["unreadable"]:
+        line += f"; {scores['unreadable']} unreadable, not scored: {', '.join(scores['unreadable_files'])}"
+    ctx.print(line)
     run.log({"test": scores})
     name = "confusion.png"
-    if run.optimizer is None:  # an evaluation never replaces the training run's picture, nor an earlier evaluation's
+    if run.optimizer is None:  # an evaluation never replaces the training run's picture, nor an earlier one's
         k = 1
         while os.path.exists(os.path.join(args.output_dir, f"confusion-eval{k}.png")):
             k += 1
@@ -213,3 +121,125 @@ def confusion_png(pred, labels, names, path, listed=30):
     confused = zip(*np.nonzero(counts * (1 - np.eye(K, dtype=np.int64))))
     pairs = sorted(confused, key=lambda tp: -share[tp])[:listed]
     write_png(path, plots.confusion(share, counts, names, pairs))
+
+
+# ----------------------------------------------------------------------------- frozen features: the k-NN probe
+
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
+    """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most similar
+    training videos vote for their class with weight exp(similarity / temperature). Returns votes
+    (num_test, num_classes)."""
+    similarity = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T  # (M, N)
+    top, neighbour = similarity.topk(min(k, len(train_labels)), dim=1)  # (M, k)
+    votes = torch.zeros(len(test_features), num_classes, dtype=similarity.dtype)
+    return votes.scatter_add_(1, train_labels[neighbour], (top / temperature).exp())
+
+
+def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
+    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the training
+    videos to the test videos. `frames`: videos already decoded in memory ({path: frames},
+    VideoDataset.frames), not decoded again. Returns {"top1", "top5", "k", "num_videos"}."""
+    encoder.eval()
+    features = []
+    for samples in (train_samples, test_samples):
+        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
+                                    test_num_segment=1, test_num_crop=1)
+        dataset.frames = frames or {}
+        values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
+        labels = torch.tensor([label for _, label in samples])
+        usable = seen & ~unreadable
+        features.append((values[usable], labels[usable]))
+    encoder.train()
+    (train_x, train_y), (test_x, test_y) = features
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    votes = knn_classify(train_x, train_y, test_x, num_classes, k)
+    scores = score(votes, test_y, torch.ones(len(test_y), dtype=torch.bool))
+    return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
+
+
+# ----------------------------------------------------------------------------- a pre-training model: reconstruction
+
+def trivial_predictions(target, mask, grid):
+    """What the visible tokens give away without any learning, the yardsticks of the reconstruction loss: for
+    the hidden tokens of each clip, 'mean_visible' fills every one with the mean of the clip's visible pixels
+    (per channel); 'nearest_visible' copies the nearest visible token of the same time slice (grid distance,
+    ties to the first in token order; the nearest slice if a slice shows none). Random masking leaves a
+    visible neighbour in the next slice of almost every hidden token; tube masking does not (Sec. 3.3).
+    target (B, N, P*C) of every token in the loss's target space, mask (B, N) True = hidden. Returns both
+    as (B, N_hidden, P*C)."""
+    B, N, D = target.shape
+    pixels = target.view(B, N, -1, 3)  # (B, N, P, C), channel fastest
+    visible = ~mask
+    visible_pixels = visible.sum(1)[:, None] * pixels.shape[2]  # (B, 1)
+    mean = (pixels * visible[..., None, None]).sum(dim=(1, 2)) / visible_pixels  # (B, C)
+    mean_visible = mean[:, None, None, :].expand_as(pixels).reshape(B, N, D)
+    t, h, w = torch.meshgrid(*(torch.arange(s, device=target.device) for s in grid), indexing="ij")
+    slices_apart = grid[1] + grid[2]  # farther than any two tokens of one slice
+    coords = torch.stack([t.flatten() * slices_apart, h.flatten(), w.flatten()], 1).float()  # (N, 3)
+    dist = torch.cdist(coords, coords)[None].expand(B, N, N).masked_fill(mask[:, None, :], float("inf"))
+    source = dist.argmin(dim=2)  # (B, N): the nearest visible token of each token
+    nearest_visible = torch.gather(target, 1, source[..., None].expand(B, N, D))
+    return mean_visible[mask].view(B, -1, D), nearest_visible[mask].view(B, -1, D)
+
+
+def reconstruction_scores(net, samples, args, ctx, most=256):
+    """Mean squared error on held-out videos (one centre clip of each of at most `most`, fixed masks) of the
+    model and of the two trivial predictors on the same clips and masks: the model must beat both to have
+    learnt anything of videos. Returns recon_val, recon_val_mean_visible, recon_val_nearest_visible."""
+    dataset = data.VideoDataset(samples[::max(1, len(samples) // most)], "test", args.num_frames,
+                                args.sampling_rate, args.input_size, test_num_segment=1, test_num_crop=1)
+    loader, _ = make_loader(dataset, args, ctx, train=False)
+    net.eval()
+    enc = net.encoder
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    sums = torch.zeros(4, dtype=torch.float64)  # model, mean visible, nearest visible, clips
+    with torch.no_grad():
+        for video, *_ in loader:
+            video = data.normalize(video.to(ctx.device).flatten(0, 1))  # (B, 3, T, H, W)
+            B = video.shape[0]
+            mask = masks.MASKS[args.mask_type](B, enc.grid, args.mask_ratio, generator=generator, device=ctx.device)
+            with autocast(args, ctx):
+                loss = net(video, mask)[0].float()
+            patches = models.patchify(video, enc.tubelet_size, enc.patch_size)
+            target = models.reconstruction_target(patches, net.norm_pix_loss)
+            hidden = models.select(target, mask)
+            mean_visible, nearest_visible = trivial_predictions(target, mask, enc.grid)
+            losses = [loss.item(), F.mse_loss(mean_visible, hidden).item(), F.mse_loss(nearest_visible, hidden).item()]
+            sums += torch.tensor(losses + [1.0]) * B
+    net.train()
+    model_loss, mean_loss, nearest_loss, clips = all_sum(sums.tolist(), ctx)
+    return {"recon_val": model_loss / clips, "recon_val_mean_visible": mean_loss / clips,
+            "recon_val_nearest_visible": nearest_loss / clips}
+
+
+def reconstruction_png(net, clip, args, ctx, path):
+    """Original frames / masked input / reconstruction of one clip, one row each, every second frame.
+    With norm_pix_loss the model predicts each hidden tubelet's pixels normalised by that tubelet's own mean
+    and std; to draw them we re-use the true tubelet's mean and std, as the reference code does: colours and
+    brightness of the hidden patches are then borrowed from the original; only the structure is the model's."""
+    net.eval()
+    enc = net.encoder
+    video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)
+    mask = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=torch.Generator().manual_seed(0))
+    mask = mask.to(ctx.device)
+    with torch.no_grad(), autocast(args, ctx):
+        _, pred = net(video, mask)
+    patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()  # (1, N, P*C)
+    pixels = models.reconstruction_target(patches, norm_pix_loss=False)  # in [0, 1]
+    masked = torch.where(mask[..., None], torch.full_like(pixels, 0.5), pixels)  # hidden patches grey
+    rebuilt = pixels.clone()
+    hidden = pixels[mask].unflatten(-1, (-1, 3))  # (n, P, 3)
+    p = pred[0].float().unflatten(-1, (-1, 3))
+    if net.norm_pix_loss:
+        p = p * (hidden.var(dim=-2, keepdim=True).sqrt() + 1e-6) + hidden.mean(dim=-2, keepdim=True)
+    rebuilt[mask] = p.flatten(-2).clamp(0, 1)
+    frames = []
+    for row in (pixels, masked, rebuilt):
+        clip_row = models.unpatchify(row, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2]  # (3, T/2, H, W)
+        frames.append(clip_row.permute(1, 2, 3, 0).cpu().numpy())
+    if net.norm_pix_loss:
+        how = "hidden patches drawn with the true patch mean and std"
+    else:
+        how = "hidden patches as predicted"
+    write_png(path, plots.film_strip(frames, f"top: original; middle: encoder input; bottom: rebuilt, {how}"))
+    net.train()
