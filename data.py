@@ -1,8 +1,15 @@
-"""Video data for VideoMAE (arXiv 2203.12602): frame-exact OpenCV reading, the reference's sampling and crops
-(github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), dataset lists, a demo set. Clips leave the workers
-as uint8 (V, T, H, W, 3) RGB, a quarter of float's bytes; `normalize` makes ImageNet-normalised float (B, 3, T, H, W)
-on the training device."""
-import argparse, json, math, os, re, shutil, sys, uuid
+"""Video data, top down: which frames a clip takes and how it is cropped (the reference's rules, from
+github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset that serves clips as uint8
+(V, T, H, W, 3), the data sets on disk, the demo set, and frame-exact OpenCV reading that survives broken files.
+`python data.py --check DATA_PATH` reports unreadable, truncated, slow and short videos."""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,21 +18,328 @@ import cv2
 import numpy as np
 import torch
 
+import plots
 from model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the loss target undoes this normalisation
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
 SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
-SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
-_SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
-_TRUNCATED = {}  # file -> frames that decode, for files whose stream ended before the container's count
 
-# Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each FFmpeg decoder (_open)
-# run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and oversubscribe the CPU.
+# Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each FFmpeg decoder
+# run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and oversubscribe.
 cv2.setNumThreads(1)
 # A broken file is reported once, by name, by the code that reads it; FFmpeg's and OpenCV's own lines about it
 # ("moov atom not found", "can't be used to capture by name") would repeat it in every worker and epoch.
 os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET; read when OpenCV first opens a file
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def normalize(clips):
+    """uint8 (..., T, H, W, 3) RGB -> float32 (..., 3, T, H, W) ImageNet-normalised, on clips' device."""
+    x = clips.movedim(-1, -4).contiguous().float()  # reorder the uint8 (1 byte per value), then convert
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return x.sub_(mean).div_(std)
+
+
+# ----------------------------------------------------------------------------- which frames: sampling
+
+def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
+    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test clips, as a
+    list, by the reference's rules, short videos included (kinetics.py, ssv2.py)."""
+    T, r, S = num_frames, sampling_rate, test_num_segment
+    if sampling == 'segment' and mode == 'test':  # ssv2.py: T segments, at offsets 0 and 1/2 of one (S = 2)
+        tick = n / T
+        clips = [[int(tick * v / S + tick * t) for t in range(T)] for v in range(S)]
+    elif sampling == 'segment':  # ssv2.py: T segments of n // T frames, a random frame in each; all 0 if n < T
+        length = n // T
+        offsets = rng.integers(length, size=T) if length else 0
+        clips = [np.arange(T) * length + offsets]
+    elif mode == 'pretrain':  # the pre-training loader: stride r from a random start; a step that would reach
+        start = rng.integers(max(n - T * r, 0) + 1)  # the last frame (or past it) is not taken,
+        steps = max((n - 2 - start) // r, 0)  # and the frame reached last then repeats
+        clips = [start + r * np.minimum(np.arange(T), steps)]
+    elif mode == 'train' and n > T * r:  # kinetics.py: T frames evenly over [end - T*r, end), end random
+        end = rng.integers(T * r, n)
+        clips = [np.minimum(np.linspace(end - T * r, end, T), end - 1)]
+    elif mode == 'train':  # kinetics.py, n <= T*r: n // r frames evenly over [0, n], then the last frame repeats
+        clips = [np.concatenate([np.linspace(0, n, n // r), np.full(T - n // r, n)])]
+    else:  # kinetics.py test: every r-th frame (the last repeated up to T), S clips of T evenly spaced in it
+        strided = -(-n // r)  # frames at stride r
+        every = r * np.minimum(np.arange(max(strided, T)), strided - 1)
+        room = len(every) - T
+        starts = [int(v * (room / (S - 1))) for v in range(S)] if S > 1 else [room // 2]  # 1 clip: the middle
+        clips = [every[s:s + T] for s in starts]
+    return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
+
+
+# ----------------------------------------------------------------------------- where in the frame: crops
+
+def multiscale_crop_box(H, W, size, rng):
+    """Pre-training's GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the short side,
+    width and height scale indices at most 1 apart, offset among 13 fixed positions. (x, y, w, h)."""
+    sides = [int(min(H, W) * s) for s in (1, .875, .75, .66)]
+    sides = [size if abs(s - size) < 3 else s for s in sides]
+    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    w, h = pairs[rng.integers(len(pairs))]
+    offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+               (1, 1), (3, 1), (1, 3), (3, 3)]  # in quarters of the room left: corners, centre, edges
+    a, b = offsets[rng.integers(13)]
+    return a * ((W - w) // 4), b * ((H - h) // 4), w, h
+
+
+def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10, largest=None):
+    """(x, y, w, h) of fine-tuning's crop (torchvision's RandomResizedCrop draw): area a uniform fraction
+    `scale` of the frame's, aspect w / h log-uniform in `ratio`, sides at most `largest` (h, w) (the frame's
+    by default); None after `tries` draws that do not fit."""
+    max_h, max_w = largest or (H, W)
+    for _ in range(tries):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= max_w and 0 < h <= max_h:
+            return int(rng.integers(W - w + 1)), int(rng.integers(H - h + 1)), w, h
+    return None
+
+
+def eval_crop_boxes(H, W, num_crop):
+    """Test crops (kinetics.py): short-side squares at left/centre/right along the long side (centre for 1)."""
+    s, room = min(H, W), abs(W - H)
+    starts = np.linspace(0, room, num_crop) if num_crop > 1 else [room / 2]
+    return [(int(o), 0, s, s) if W >= H else (0, int(o), s, s) for o in starts]
+
+
+def _render(frames, indices, box, size, flip, out, area=False):
+    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames, resize into `out`, colour-convert
+    (and flip) in place, with no copy of the clip. Bilinear; with `area`, a crop larger than `size` both ways is
+    averaged (INTER_AREA), closer to the PIL filter of the reference's pre-training, which averages to shrink."""
+    x, y, w, h = box
+    interpolation = cv2.INTER_AREA if area and w > size and h > size else cv2.INTER_LINEAR
+    for t, i in enumerate(indices):
+        cv2.resize(frames[i][y:y + h, x:x + w], (size, size), dst=out[t], interpolation=interpolation)
+    rows = out.reshape(-1, size, 3)  # the frames stacked vertically: one OpenCV call for the clip
+    cv2.cvtColor(rows, cv2.COLOR_BGR2RGB, dst=rows)
+    if flip:  # mirror each row: every frame flips left-right
+        cv2.flip(rows, 1, dst=rows)
+    return out
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample crops of one
+    decoded clip (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in
+    'test' mode; augment(view, rng), if given, alters each 'train' crop in place. An unreadable video is
+    replaced by the next sample: `substituted` counts the unreadable samples skipped from `index` on;
+    `truncated` is the number of frames that decode in a file that holds fewer than its container claims.
+    The items carry the news; the training loop names the files (engine.BadVideos)."""
+
+    def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
+                 sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
+                 test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
+        if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
+            raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
+                             f"{len(samples)} samples; check the arguments and --data_path")
+        self.samples, self.mode, self.sampling = list(samples), mode, sampling
+        self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
+        self.flip = mode == 'train' if flip is None else flip
+        self.augment, self.crop_scale, self.seed = augment, tuple(crop_scale), seed
+        self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
+        self.bad = set()  # files known to be unreadable: skipped without a try (workers inherit it each epoch)
+        self.frames = {}  # path -> every decoded BGR frame (n, H, W, 3), with in_memory: small sets decode once
+        if in_memory:
+            paths = sorted({path for path, _ in self.samples})
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
+                decoded = dict(zip(paths, pool.map(_decode_all, paths)))
+            self.frames = {path: frames for path, frames in decoded.items() if frames is not None}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for substituted in range(len(self)):
+            j = (i + substituted) % len(self)
+            path = self.samples[j][0]
+            if path in self.bad:
+                continue
+            try:
+                clips = torch.from_numpy(self._load(j))
+                return clips, self.samples[j][1], i, substituted, _TRUNCATED.get(path, 0)
+            except VideoReadError:
+                self.bad.add(path)
+        raise VideoReadError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
+
+    def _load(self, j):
+        """The views of sample j, uint8 (V, T, H, W, 3); raises VideoReadError for a file that cannot be read."""
+        path = self.samples[j][0]
+        video = self.frames.get(path)
+        cap, n = _open(path) if video is None else (None, len(video))
+        # A generator per item from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed on resume.
+        rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
+        clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
+        if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same frames, num_sample crops
+            clips = clips * self.num_sample
+        if video is None:
+            video = _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
+        H, W = video[clips[0][0]].shape[:2]
+        if self.mode == 'test':
+            views = [(c, box) for c in clips for box in eval_crop_boxes(H, W, self.crops)]
+        elif self.mode == 'pretrain':
+            views = [(c, multiscale_crop_box(H, W, self.size, rng)) for c in clips]
+        else:  # fine-tuning: random resized crop, the whole frame after 10 misses
+            views = [(c, resized_crop_box(H, W, rng, self.crop_scale) or (0, 0, W, H)) for c in clips]
+        out = np.empty((len(views), len(clips[0]), self.size, self.size, 3), np.uint8)
+        for view, (c, box) in zip(out, views):
+            flip = self.flip and rng.random() < 0.5
+            _render(video, c, box, self.size, flip, view, area=self.mode == 'pretrain')
+            if self.mode == 'train' and self.augment:  # on the crop (the reference: on whole frames, before it)
+                self.augment(view, rng)
+        return out
+
+
+# ----------------------------------------------------------------------------- data sets on disk
+
+def load_samples(data_path, data_set=None, split=1, train=True):
+    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' or 'HMDB51'
+    (the folder as distributed, its split folder beside or inside), 'list' (a list file, or a folder with
+    train.txt and val.txt), 'folder' (class subfolders, or any videos: unlabelled), 'demo', None: detect."""
+    root = Path(data_path)
+    if data_set == 'demo':  # an existing demo set is used whatever its parameters
+        if not (root / 'meta.json').is_file():
+            root = make_demo_dataset(root)
+        data_set = 'list'
+    if not root.exists():
+        raise FileNotFoundError(f"--data_path {root} does not exist")
+    splits = _split_dirs(root)
+    data_set = data_set or guess_data_set(root)
+    if data_set in SPLIT_DIRS and data_set not in splits:
+        raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it for the split files")
+    if data_set == 'UCF101':  # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"
+        names = (splits[data_set] / 'classInd.txt').read_text().split()[1::2]
+        lst = splits[data_set] / f"{'train' if train else 'test'}list{split:02d}.txt"
+        entries = [(root / line.split()[0], names.index(line.split('/')[0]), where) for where, line in _lines(lst)]
+    elif data_set == 'HMDB51':  # <class>_test_split<N>.txt: "<name>.avi <tag>", 1 train, 2 test, 0 unused
+        folder, suffix, tag = splits[data_set], f'_test_split{split}.txt', '1' if train else '2'
+        names = sorted(p.name[:-len(suffix)] for p in folder.glob('*' + suffix))
+        entries = [(root / c / line.split()[0], label, where) for label, c in enumerate(names)
+                   for where, line in _lines(folder / (c + suffix)) if line.split()[-1] == tag]
+    elif data_set == 'list':
+        lst = root / ('train.txt' if train else 'val.txt') if root.is_dir() else root
+        entries, names = _list_file(lst)
+    elif data_set == 'folder':  # labelled by class subfolder, unless some video lies outside one
+        videos = sorted(p.relative_to(root) for p in root.rglob('*')
+                        if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+        classes = sorted({p.parts[0] for p in videos}) if all(len(p.parts) > 1 for p in videos) else []
+        label = {c: k for k, c in enumerate(classes)}
+        return [(str(root / p), label.get(p.parts[0], -1)) for p in videos], classes
+    else:
+        raise ValueError(f"--data_set {data_set!r}: expected UCF101, HMDB51, list, folder or demo")
+    missing = [f'{where}: {path}' for path, _, where in entries if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} missing); fix the list or the data path")
+    return [(str(path), label) for path, label, _ in entries], names
+
+
+def training_subset(samples, per_class=None):
+    """The first `per_class` videos of each class; all of them without it."""
+    kept, count = [], Counter()
+    for path, label in samples:
+        count[label] += 1
+        if per_class is None or count[label] <= per_class:
+            kept.append((path, label))
+    return kept
+
+
+def guess_data_set(data_path):
+    """The format of data_path: 'list', 'UCF101' or 'HMDB51' (their split folders found), else 'folder'."""
+    root = Path(data_path)
+    is_list = root.is_file() or (root / 'train.txt').is_file()
+    return 'list' if is_list else next(iter(_split_dirs(root)), 'folder')
+
+
+def _split_dirs(root):
+    """{data set: folder of its official split files}, for those found inside or beside root."""
+    return {name: d for name, sub in SPLIT_DIRS.items() for d in (root.parent / sub, root / sub) if d.is_dir()}
+
+
+def _lines(path):
+    """(where, text) of each non-empty line, where = 'path:line number'."""
+    rows = Path(path).read_text().splitlines()
+    return [(f'{path}:{k}', line.strip()) for k, line in enumerate(rows, 1) if line.strip()]
+
+
+def _list_file(lst):
+    """'path label' per line (the reference's format; paths relative to the list's folder or absolute);
+    a line without a label gets label -1. Class names: each label's common parent folder, else the label."""
+    entries, parents = [], {}
+    for where, line in _lines(lst):
+        m = re.fullmatch(r'(.+?)\s+(-?\d+)', line)
+        path, label = (m[1], int(m[2])) if m else (line, -1)
+        entries.append((lst.parent / path, label, where))
+        parents.setdefault(label, set()).add(Path(path).parent.name)
+    names = range(max(parents, default=-1) + 1)
+    return entries, [min(parents[c]) if len(parents.get(c, ())) == 1 else str(c) for c in names]
+
+
+# ----------------------------------------------------------------------------- the demo set
+
+DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
+
+
+def _demo_video(path, cls, rng, num_frames, W=96, H=72):
+    """One video of class `cls` (plots.demo_frames draws it), as XVID (MJPG where OpenCV lacks XVID)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
+    if not writer.isOpened():
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
+    for frame in plots.demo_frames(cls, rng, num_frames, W, H):
+        writer.write(frame[..., ::-1].copy())  # RGB drawn, BGR written
+    writer.release()
+
+
+def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20, num_frames=48,
+                      seed=0):
+    """Synthetic motion classes in root/<class>/*.avi with train.txt and val.txt, deterministic from seed; a set
+    with the same parameters is reused, any other folder left alone. Built in a temporary folder, renamed when
+    complete: a killed build leaves nothing, and of calls racing for one root the first to finish provides it."""
+    root = Path(root)
+    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
+                num_frames=num_frames, seed=seed, version=3)
+
+    def complete():  # meta.json is written last, so a root that has it holds a whole set
+        return (root / 'meta.json').is_file() and json.loads((root / 'meta.json').read_text()) == meta
+    if complete():
+        return root
+    if root.exists():  # never deleted here: racing calls could not tell a stale set from one just renamed
+        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); delete it or pass "
+                              f"another --data_path")
+    tmp = root.with_name(f'.{root.name}.{uuid.uuid4().hex}')  # unique across processes and hosts
+    lists, jobs = {'train.txt': [], 'val.txt': []}, []
+    try:
+        for label, cls in enumerate(DEMO_CLASSES[:num_classes]):
+            (tmp / cls).mkdir(parents=True)
+            for k in range(videos_per_class):
+                rel = f'{cls}/{cls}_{k:03d}.avi'
+                split = 'val.txt' if k >= videos_per_class - val_per_class else 'train.txt'
+                lists[split].append(f'{rel} {label}\n')
+                jobs.append((tmp / rel, cls, np.random.default_rng([seed, label, k]), num_frames))
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV and numpy release the GIL
+            list(pool.map(lambda job: _demo_video(*job), jobs))
+        for name, lines in lists.items():
+            (tmp / name).write_text(''.join(lines))
+        (tmp / 'meta.json').write_text(json.dumps(meta))
+        if not complete():
+            os.replace(tmp, root)
+    except OSError:  # the rename fails on the set of a call that finished in between: that one is used
+        if not complete():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------- reading frames, broken files too
+
+SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
+_SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
+_TRUNCATED = {}  # file -> frames that decode, for files whose stream ended before the container's count
 
 
 class VideoReadError(RuntimeError):
@@ -45,21 +359,30 @@ def video_length(path):
     return _open(path)[1]
 
 
+def read_frames(path, indices):
+    """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed), frame-exact."""
+    indices = [int(i) for i in indices]
+    frames = _decode(_open(path)[0], path, sorted(set(indices)))
+    return np.stack([cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB) for i in indices])
+
+
 def _decode(cap, path, wanted, seek=True):
-    """{index: BGR frame} for the sorted unique `wanted` indices, equal to a sequential decode from 0 (indices
-    past the real end get its last frame). Decoding stops at the last wanted frame and retrieve()s only wanted
-    ones (grab() skips the colour conversion). From SEEK_MIN on it seeks: OpenCV decodes forward from the
-    keyframe before, by timestamp, exact for constant frame rates (XVID, mp4v, H.264 with B-frames: see the
-    tests); if the frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
-    path, first, last, fps = str(path), wanted[0], wanted[-1], cap.get(cv2.CAP_PROP_FPS)
+    """{index: BGR frame} for the sorted unique `wanted` indices, as a sequential decode from 0 gives them
+    (indices past the real end get its last frame); only wanted frames are converted (retrieve). From SEEK_MIN
+    on it seeks (exact by timestamp for constant frame rates: XVID, mp4v, H.264 with B-frames, see the tests);
+    if the frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
+    path, first, last = str(path), wanted[0], wanted[-1]
+    fps = cap.get(cv2.CAP_PROP_FPS)
     seek = seek and first >= SEEK_MIN and fps > 0 and path not in _SEEK_UNSAFE
     if seek:
         cap.set(cv2.CAP_PROP_POS_FRAMES, first)
         if not (cap.grab() and abs(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000 - first) < 0.5):
             _SEEK_UNSAFE.add(path)
             return _decode(_open(path)[0], path, wanted)
+        pos, ok = first, True
+    else:
+        pos, ok = 0, cap.grab()
     keep, frames = set(wanted), {}
-    pos, ok = (first, True) if seek else (0, cap.grab())
     while ok:
         if pos in keep:
             ok, frame = cap.retrieve()
@@ -87,307 +410,9 @@ def _decode_all(path):
         return None
 
 
-def read_frames(path, indices):
-    """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed), frame-exact."""
-    indices = [int(i) for i in indices]
-    frames = _decode(_open(path)[0], path, sorted(set(indices)))
-    return np.stack([cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB) for i in indices])
-
-
-def normalize(clips):
-    """uint8 (..., T, H, W, 3) RGB -> float32 (..., 3, T, H, W) ImageNet-normalised, on clips' device."""
-    x = clips.movedim(-1, -4).contiguous().float()  # reorder the uint8 (1 byte per value), then convert
-    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return x.sub_(mean).div_(std)
-
-
-def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
-    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test clips, as a
-    list, by the reference's rules, short videos included (github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py)."""
-    T, r, S = num_frames, sampling_rate, test_num_segment
-    if sampling == 'segment' and mode == 'test':  # ssv2.py: T segments, at offsets 0 and 1/2 of one (S = 2)
-        tick = n / T
-        clips = [[int(tick * v / S + tick * t) for t in range(T)] for v in range(S)]
-    elif sampling == 'segment':  # ssv2.py: T segments of n // T frames, a random frame in each; all 0 if n < T
-        length = n // T
-        clips = [np.arange(T) * length + (rng.integers(length, size=T) if length else 0)]
-    elif mode == 'pretrain':  # VideoMAE pre-training loader: stride r from a random start; a step that would
-        start = rng.integers(max(n - T * r, 0) + 1)  # reach the last frame (or past it) is not taken
-        steps = max((n - 2 - start) // r, 0)  # the frame reached last then repeats
-        clips = [start + r * np.minimum(np.arange(T), steps)]
-    elif mode == 'train' and n > T * r:  # kinetics.py: T frames evenly over [end - T*r, end), end random
-        end = rng.integers(T * r, n)
-        clips = [np.minimum(np.linspace(end - T * r, end, T), end - 1)]
-    elif mode == 'train':  # kinetics.py, n <= T*r: n // r frames evenly over [0, n], then the last frame repeats
-        clips = [np.concatenate([np.linspace(0, n, n // r), np.full(T - n // r, n)])]
-    else:  # kinetics.py test: every r-th frame (the last repeated up to T), S clips of T evenly spaced in it
-        every = r * np.minimum(np.arange(max(-(-n // r), T)), -(-n // r) - 1)
-        room = len(every) - T
-        starts = [int(v * (room / (S - 1))) for v in range(S)] if S > 1 else [room // 2]  # S = 1: the middle
-        clips = [every[s:s + T] for s in starts]
-    return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
-
-
-def multiscale_crop_box(H, W, size, rng):
-    """GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the short side, width and
-    height scale indices at most 1 apart, offset among 13 fixed positions (more_fix_crop). (x, y, w, h)."""
-    sides = [int(min(H, W) * s) for s in (1, .875, .75, .66)]
-    sides = [size if abs(s - size) < 3 else s for s in sides]
-    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
-    w, h = pairs[rng.integers(len(pairs))]
-    a, b = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
-            (1, 1), (3, 1), (1, 3), (3, 3)][rng.integers(13)]
-    return a * ((W - w) // 4), b * ((H - h) // 4), w, h
-
-
-def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10, largest=None):
-    """(x, y, w, h) of the reference's fine-tuning crop (torchvision's RandomResizedCrop draw): area a uniform
-    fraction `scale` of the frame's, aspect w / h log-uniform in `ratio`, sides at most `largest` (h, w) (the
-    frame's by default); None after `tries` draws that do not fit."""
-    max_h, max_w = largest or (H, W)
-    for _ in range(tries):
-        area = H * W * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < w <= max_w and 0 < h <= max_h:
-            return int(rng.integers(W - w + 1)), int(rng.integers(H - h + 1)), w, h
-    return None
-
-
-def eval_crop_boxes(H, W, num_crop):
-    """kinetics.py test crops: short-side squares at left/centre/right along the long side (centre for 1)."""
-    s, room = min(H, W), abs(W - H)
-    starts = np.linspace(0, room, num_crop) if num_crop > 1 else [room / 2]
-    return [(int(o), 0, s, s) if W >= H else (0, int(o), s, s) for o in starts]
-
-
-def _render(frames, indices, box, size, flip, out, area=False):
-    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames first, then resize straight into
-    `out`, then colour-convert (and flip) in place: no copy of the clip is made. Bilinear, as the reference's
-    fine-tuning and test; with `area`, a crop larger than `size` both ways is averaged (INTER_AREA), closer to
-    the PIL bilinear filter of its pre-training, which averages when it shrinks (README: the differences)."""
-    x, y, w, h = box
-    interpolation = cv2.INTER_AREA if area and w > size and h > size else cv2.INTER_LINEAR
-    for t, i in enumerate(indices):
-        cv2.resize(frames[i][y:y + h, x:x + w], (size, size), dst=out[t], interpolation=interpolation)
-    rows = out.reshape(-1, size, 3)  # the frames stacked vertically: one OpenCV call for the clip
-    cv2.cvtColor(rows, cv2.COLOR_BGR2RGB, dst=rows)
-    if flip:  # mirror each row: every frame flips left-right
-        cv2.flip(rows, 1, dst=rows)
-    return out
-
-
-class VideoDataset(torch.utils.data.Dataset):
-    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample crops of one decoded
-    clip (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in 'test' mode.
-    In 'train' mode augment(view, rng), if given, alters each crop in place (finetune.py: RandAugment, erasing).
-    An unreadable video is replaced by the next sample (whose label is returned): `substituted` counts the samples
-    skipped from `index` on, all unreadable; `truncated` is the number of frames that decode when the clip came
-    from a file holding fewer than its container claims, else 0. The items carry the news; nothing is printed here:
-    the training loop names each file once per run and stops past max_bad_fraction (pretrain.py: BadVideos)."""
-
-    def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
-                 sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
-                 test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
-        if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
-            raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
-                             f"{len(samples)} samples; check the arguments and --data_path")
-        self.samples, self.mode, self.sampling, self.augment, self.seed = list(samples), mode, sampling, augment, seed
-        self.crop_scale = tuple(crop_scale)
-        self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
-        self.flip = mode == 'train' if flip is None else flip
-        self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
-        self.bad = set()  # files known to be unreadable: skipped without a try (workers inherit it each epoch)
-        self.frames = {}  # path -> every decoded BGR frame (n, H, W, 3), with in_memory: small sets decode once
-        if in_memory:
-            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
-                self.frames = dict(zip(self._paths(), pool.map(_decode_all, self._paths())))
-            self.frames = {path: frames for path, frames in self.frames.items() if frames is not None}
-
-    def __len__(self):
-        return len(self.samples)
-
-    def _paths(self):
-        return sorted({path for path, _ in self.samples})
-
-    def __getitem__(self, i):
-        for substituted in range(len(self)):
-            j = (i + substituted) % len(self)
-            path = self.samples[j][0]
-            if path in self.bad:
-                continue
-            try:
-                clips = torch.from_numpy(self._load(j))
-                return clips, self.samples[j][1], i, substituted, _TRUNCATED.get(path, 0)
-            except VideoReadError:
-                self.bad.add(path)
-        raise VideoReadError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
-
-    def _load(self, j):
-        path = self.samples[j][0]
-        video = self.frames.get(path)
-        cap, n = (None, len(video)) if video is not None else _open(path)
-        # Per-item generator from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed by manual_seed.
-        rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
-        clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
-        if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same frames, num_sample crops
-            clips = clips * self.num_sample
-        frames = video if video is not None else _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
-        H, W = frames[clips[0][0]].shape[:2]
-        if self.mode == 'test':
-            views = [(c, box) for c in clips for box in eval_crop_boxes(H, W, self.crops)]
-        else:  # pre-training: multi-scale crop; fine-tuning: random resized crop (the whole frame after 10 misses)
-            views = [(c, multiscale_crop_box(H, W, self.size, rng) if self.mode == 'pretrain' else
-                      resized_crop_box(H, W, rng, self.crop_scale) or (0, 0, W, H)) for c in clips]
-        out = np.empty((len(views), len(clips[0]), self.size, self.size, 3), np.uint8)
-        for view, (c, box) in zip(out, views):
-            _render(frames, c, box, self.size, self.flip and rng.random() < 0.5, view, area=self.mode == 'pretrain')
-            if self.mode == 'train' and self.augment:  # on the crop (the reference: on whole frames, before it)
-                self.augment(view, rng)
-        return out
-
-
-def _lines(path):
-    return [(f'{path}:{k}', line.strip()) for k, line in enumerate(Path(path).read_text().splitlines(), 1)
-            if line.strip()]
-
-
-def _list_file(lst):
-    """'path label' per line (the reference's format; paths relative to the list's folder or absolute);
-    a line without a label gets label -1. Class names: each label's common parent folder, else the label."""
-    entries, parents = [], {}
-    for where, line in _lines(lst):
-        m = re.fullmatch(r'(.+?)\s+(-?\d+)', line)
-        path, label = (m[1], int(m[2])) if m else (line, -1)
-        entries.append((lst.parent / path, label, where))
-        parents.setdefault(label, set()).add(Path(path).parent.name)
-    names = range(max(parents, default=-1) + 1)
-    return entries, [min(parents[c]) if len(parents.get(c, ())) == 1 else str(c) for c in names]
-
-
-def _split_dirs(root):
-    """{data set: folder of its official split files}, for those found inside or beside root."""
-    return {name: d for name, sub in SPLIT_DIRS.items() for d in (root.parent / sub, root / sub) if d.is_dir()}
-
-
-def guess_data_set(data_path):
-    """The format of data_path: 'list', 'UCF101' or 'HMDB51' (their split folders found), else 'folder'."""
-    root = Path(data_path)
-    return 'list' if root.is_file() or (root / 'train.txt').is_file() else next(iter(_split_dirs(root)), 'folder')
-
-
-def load_samples(data_path, data_set=None, split=1, train=True):
-    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' (UCF-101/,
-    ucfTrainTestlist/ beside or inside), 'HMDB51' (hmdb51_org/, testTrainMulti_7030_splits/ beside or
-    inside), 'list' (a list file, or a folder with train.txt and val.txt), 'folder' (class subfolders, or
-    any folder of videos: unlabelled), 'demo' (make_demo_dataset at data_path), None: detect."""
-    root = Path(data_path)
-    if data_set == 'demo':  # an existing demo set is used whatever its parameters
-        root, data_set = root if (root / 'meta.json').is_file() else make_demo_dataset(root), 'list'
-    if not root.exists():
-        raise FileNotFoundError(f"--data_path {root} does not exist")
-    splits = _split_dirs(root)
-    data_set = data_set or guess_data_set(root)
-    if data_set in SPLIT_DIRS and data_set not in splits:
-        raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it for the split files")
-    if data_set == 'UCF101':  # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"
-        names = (splits[data_set] / 'classInd.txt').read_text().split()[1::2]
-        lst = splits[data_set] / f"{'train' if train else 'test'}list{split:02d}.txt"
-        entries = [(root / line.split()[0], names.index(line.split('/')[0]), where) for where, line in _lines(lst)]
-    elif data_set == 'HMDB51':  # <class>_test_split<N>.txt: "<name>.avi <tag>", 1 train, 2 test, 0 unused
-        sd, suffix, tag = splits[data_set], f'_test_split{split}.txt', '1' if train else '2'
-        names = sorted(p.name[:-len(suffix)] for p in sd.glob('*' + suffix))
-        entries = [(root / c / line.split()[0], label, where) for label, c in enumerate(names)
-                   for where, line in _lines(sd / (c + suffix)) if line.split()[-1] == tag]
-    elif data_set == 'list':
-        entries, names = _list_file(root / ('train.txt' if train else 'val.txt') if root.is_dir() else root)
-    elif data_set == 'folder':  # labelled by class subfolder, unless some video lies outside one
-        videos = sorted(p.relative_to(root) for p in root.rglob('*') if p.suffix.lower() in VIDEO_EXTS and p.is_file())
-        classes = sorted({p.parts[0] for p in videos}) if all(len(p.parts) > 1 for p in videos) else []
-        label = {c: k for k, c in enumerate(classes)}
-        return [(str(root / p), label.get(p.parts[0], -1)) for p in videos], classes
-    else:
-        raise ValueError(f"--data_set {data_set!r}: expected UCF101, HMDB51, list, folder or demo")
-    missing = [f'{where}: {path}' for path, _, where in entries if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} missing); fix the list or the data path")
-    return [(str(path), label) for path, label, _ in entries], names
-
-
-DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
-
-
-def _demo_video(path, cls, rng, num_frames, W=96, H=72):
-    """One bright polygon on a darker plain background that moves right or left, grows or shrinks, brightens or
-    darkens, by class. Colours, shape, size, place and speed are drawn per video, so no single frame tells the
-    class; every class changes a 2-frame tubelet with the same sign in every video (the object is always
-    brighter than the ground), which a small ViT learns in minutes on a CPU. The object is large and plain, so
-    that rebuilding it dominates the reconstruction loss, and a model must find it from the visible patches."""
-    ground, colour = rng.uniform(20, 90, 3), rng.uniform(150, 250, 3)
-    k = rng.integers(4, 9)
-    angles = 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, k)) / k + rng.uniform(0, 2 * np.pi)
-    shape = rng.uniform(0.7, 1.0, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)  # unit-size polygon
-    radius, speed, rate = rng.uniform(22, 32), rng.uniform(0.6, 1.0), rng.uniform(0.012, 0.02)
-    centre = rng.uniform((0.3 * W, 0.3 * H), (0.7 * W, 0.7 * H))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
-    if not writer.isOpened():
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
-    for t in range(num_frames):
-        dt, ramp = t - (num_frames - 1) / 2, t / max(num_frames - 1, 1)  # frames from the middle; 0 -> 1
-        shift = {'right': (speed * dt, 0), 'left': (-speed * dt, 0)}.get(cls, (0, 0))
-        scale = {'grow': math.exp(rate * dt), 'shrink': math.exp(-rate * dt)}.get(cls, 1.0)
-        level = {'brighten': 0.55 + 0.45 * ramp, 'darken': 1.0 - 0.45 * ramp}.get(cls, 1.0)  # of the way to colour
-        points = np.round(centre + shift + radius * scale * shape).astype(np.int32)
-        inside = cv2.fillPoly(np.zeros((H, W), np.float32), [points], 1)[..., None]
-        frame = ground + inside * (colour - ground) * level
-        writer.write(np.clip(frame, 0, 255).astype(np.uint8)[..., ::-1].copy())  # RGB drawn, BGR written
-    writer.release()
-
-
-def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20, num_frames=48, seed=0):
-    """Synthetic motion classes as XVID .avi (MJPG without XVID) in root/<class>/ with list files train.txt
-    and val.txt, deterministic from seed; a set with the same parameters is reused, any other folder left
-    alone. Each call builds in a temporary folder of its own, renamed when complete: a killed build leaves no
-    half dataset, and of calls racing for one root (distributed ranks) the first to finish provides it."""
-    root = Path(root)
-    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
-                num_frames=num_frames, seed=seed, version=3)
-
-    def complete():  # meta.json is written last, so a root that has it holds a whole set
-        return (root / 'meta.json').is_file() and json.loads((root / 'meta.json').read_text()) == meta
-    if complete():
-        return root
-    if root.exists():  # never deleted here: racing calls could not tell a stale set from one just renamed
-        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); delete it or pass "
-                              f"another --data_path")
-    tmp = root.with_name(f'.{root.name}.{uuid.uuid4().hex}')  # unique across processes and hosts
-    lists, jobs = {'train.txt': [], 'val.txt': []}, []
-    try:
-        for label, cls in enumerate(DEMO_CLASSES[:num_classes]):
-            (tmp / cls).mkdir(parents=True)
-            for k in range(videos_per_class):
-                rel = f'{cls}/{cls}_{k:03d}.avi'
-                lists['val.txt' if k >= videos_per_class - val_per_class else 'train.txt'].append(f'{rel} {label}\n')
-                jobs.append((tmp / rel, cls, np.random.default_rng([seed, label, k]), num_frames))
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV and numpy release the GIL
-            list(pool.map(lambda job: _demo_video(*job), jobs))
-        for name, lines in lists.items():
-            (tmp / name).write_text(''.join(lines))
-        (tmp / 'meta.json').write_text(json.dumps(meta))
-        if not complete():
-            os.replace(tmp, root)
-    except OSError:  # the rename fails on the set of a call that finished in between: that one is used
-        if not complete():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
 def _probe(path, min_frames):
-    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims, a seek that
-    misses its frame (the middle one, read both ways: a different picture, or a landing that _decode caught and
-    replaced by decoding from frame 0, slow for every clip), or too short."""
+    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims, a seek
+    that misses its frame (the middle one read both ways; such files decode from frame 0, slowly), too short."""
     try:
         cap, n = _open(path)
         count = sum(1 for _ in iter(cap.grab, False))  # the frames that decode
@@ -399,7 +424,9 @@ def _probe(path, min_frames):
     if str(path) in _SEEK_UNSAFE or not np.array_equal(sought, ref):
         return (f'SEEK       {path}: seeking misses frames, so its clips decode from frame 0 (slow); '
                 f're-encode it at a constant frame rate')
-    return f'SHORT      {path}: {count} frames < {min_frames}; frames repeat' if count < min_frames else ''
+    if count < min_frames:
+        return f'SHORT      {path}: {count} frames < {min_frames}; frames repeat'
+    return ''
 
 
 def main():
@@ -410,7 +437,8 @@ def main():
     ap.add_argument('--min_frames', type=int, default=64, help='num_frames x sampling_rate of the runs')
     args = ap.parse_args()
     sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train') for name in ('train', 'test')}
-    sets = {'all': sets['train']} if sets['train'] == sets['test'] else sets  # one list or folder
+    if sets['train'] == sets['test']:  # one list or folder
+        sets = {'all': sets['train']}
     paths = sorted({p for samples, _ in sets.values() for p, _ in samples})
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
         reports = [r for r in pool.map(lambda p: _probe(p, args.min_frames), paths) if r]

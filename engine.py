@@ -117,16 +117,6 @@ def finish_args(parser, argv, recipes, demo):
     return args
 
 
-def training_subset(samples, args):
-    """The first --per_class training videos of each class; all of them without the flag."""
-    kept, count = [], {}
-    for path, label in samples:
-        count[label] = count.get(label, 0) + 1
-        if args.per_class is None or count[label] <= args.per_class:
-            kept.append((path, label))
-    return kept
-
-
 # ----------------------------------------------------------------------------- processes
 
 class Context:
@@ -353,8 +343,9 @@ class Meter:
             fail(f"loss is not finite at epoch {self.epoch} step {it}: stopping. The last good checkpoint is "
                  f"{self.run.latest}; lower --lr or --blr, or use --dtype bf16 instead of fp16, then rerun to "
                  f"resume.", self.ctx, self.bar)
-        if self.run.bad_videos.sync():
-            fail(self.run.bad_videos.too_many(self.args, self.run.latest), self.ctx, self.bar)
+        if self.run.bad_videos.sync(write=tqdm.write):  # (lines above the progress bar)
+            message = self.run.bad_videos.too_many(self.args.data_path, self.args.data_set, self.run.latest)
+            fail(message, self.ctx, self.bar)
 
     def summary(self):
         """The epoch's figures for the log, summed over every process."""
@@ -373,12 +364,13 @@ class Meter:
 
 
 class BadVideos:
-    """The run's record of damaged training videos, from what the items report. Workers restart every epoch
-    and each loads only its share, so the record lives here, synchronised across processes: each file is named
-    once per run, and the unreadable ones of all workers and processes count against max_bad_fraction."""
+    """A training run's record of damaged videos, from what the dataset's items report. Workers restart every
+    epoch and each loads only its share, so the record lives here, synchronised across the `world` processes:
+    each file is named once per run, and the unreadable ones of all workers and processes count against the
+    dataset's max_bad_fraction."""
 
-    def __init__(self, dataset, ctx):
-        self.samples, self.ctx = dataset.samples, ctx
+    def __init__(self, dataset, world=1, main=True):
+        self.samples, self.world, self.main = dataset.samples, world, main
         self.limit = max(int(dataset.max_bad_fraction * len(dataset)), 2)  # unreadable files tolerated
         self.unreadable, self.truncated = set(), set()
         self.news = []  # (sample index, frames that decode or 0) since the last sync
@@ -390,30 +382,29 @@ class BadVideos:
             if frames:
                 self.news.append((i + skipped, frames))
 
-    def sync(self):
-        """Gather every process's news; name each new file (above the progress bar). True when over the limit."""
-        mine, self.news = self.news, []
-        news = [mine]
-        if self.ctx.world > 1:
-            news = [None] * self.ctx.world
-            dist.all_gather_object(news, mine)
+    def sync(self, write=print):
+        """Gather every process's news; write(line) names each new file. True when over the limit."""
+        news = [self.news]
+        if self.world > 1:
+            news = [None] * self.world
+            dist.all_gather_object(news, self.news)
+        self.news = []
         for j, frames in (item for part in news for item in part):
             path = self.samples[j % len(self.samples)][0]
             known = self.truncated if frames else self.unreadable
-            if path not in known and self.ctx.main:
+            if path not in known and self.main:
                 if frames:
-                    tqdm.write(f"truncated video, only its first {frames} frames decode (the last one repeats): {path}")
+                    write(f"truncated video, only its first {frames} frames decode (the last one repeats): {path}")
                 else:
-                    tqdm.write(f"unreadable video, another sample used in its place: {path}")
+                    write(f"unreadable video, another sample used in its place: {path}")
             known.add(path)
         return len(self.unreadable) > self.limit
 
-    def too_many(self, args, checkpoint):
+    def too_many(self, data_path, data_set, checkpoint):
+        """The last line of a run stopped by too many unreadable videos."""
         names = sorted(self.unreadable)
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        check = f"python data.py --check {args.data_path}"
-        if args.data_set:
-            check += f" --data_set {args.data_set}"
+        check = f"python data.py --check {data_path}" + (f" --data_set {data_set}" if data_set else "")
         last = checkpoint if os.path.exists(checkpoint) else "none (no epoch finished)"
         return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, more than the "
                 f"{self.limit} tolerated: {listed}; run `{check}` and remove or re-encode them; the last good "
@@ -467,7 +458,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
         self.log_path = os.path.join(args.output_dir, "log.jsonl")
         self.latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
-        self.bad_videos = None if train_set is None else BadVideos(train_set, ctx)
+        self.bad_videos = None if train_set is None else BadVideos(train_set, ctx.world, ctx.main)
         self.start_epoch = 0
         config = {"config": dict(vars(args)), "world_size": ctx.world}
         if optimizer is None:  # evaluation only: weights were loaded by the caller

@@ -153,7 +153,7 @@ def main(argv=None):
 def labelled_samples(args):
     """(training samples, test samples, class names); --nb_classes from the data unless given."""
     train_samples, classes = data.load_samples(args.data_path, args.data_set, args.split, train=True)
-    train_samples = engine.training_subset(train_samples, args)
+    train_samples = data.training_subset(train_samples, args.per_class)
     test_samples, _ = data.load_samples(args.data_path, args.data_set, args.split, train=False)
     args.nb_classes = args.nb_classes or len(classes)
     args.classes = classes  # saved in every checkpoint's config: --predict names its classes

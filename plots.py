@@ -1,9 +1,11 @@
 """Pictures drawn with OpenCV (the run-time packages have no plotting library). Each function takes numbers
-and returns a BGR uint8 image; the caller writes it. Nothing of the project is imported here.
+and returns images (BGR uint8; the demo's frames RGB); the caller writes them. Nothing of the project is
+imported here.
 
 line_chart  one figure of log.jsonl against the epoch (curves.png holds one panel per figure)
 confusion   a confusion matrix with named classes, the share in each cell and the most-confused pairs
 film_strip  rows of frames one above the other, with a caption (the reconstruction pictures)
+demo_frames the frames of a demo video: one polygon that moves, grows or brightens by class
 """
 import math
 import textwrap
@@ -141,3 +143,26 @@ def film_strip(rows, caption, width=512):
     for i, line in enumerate(lines):
         cv2.putText(band, line, (2, 13 + 14 * i), FONT, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([img, band])
+
+
+def demo_frames(cls, rng, num_frames, W=96, H=72):
+    """The frames (RGB uint8 (H, W, 3)) of one demo video: a bright polygon on a darker plain ground that moves
+    right or left, grows or shrinks, brightens or darkens, by class. Colours, shape, size, place and speed are
+    drawn from rng, so no single frame tells the class; every class changes a 2-frame tubelet with the same
+    sign in every video (the object is always brighter than the ground), which a small ViT learns in minutes
+    on a CPU. The object is large and plain, so that rebuilding it dominates the reconstruction loss."""
+    ground, colour = rng.uniform(20, 90, 3), rng.uniform(150, 250, 3)
+    k = rng.integers(4, 9)
+    angles = 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, k)) / k + rng.uniform(0, 2 * np.pi)
+    shape = rng.uniform(0.7, 1.0, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)  # unit-size polygon
+    radius, speed, rate = rng.uniform(22, 32), rng.uniform(0.6, 1.0), rng.uniform(0.012, 0.02)
+    centre = rng.uniform((0.3 * W, 0.3 * H), (0.7 * W, 0.7 * H))
+    for t in range(num_frames):
+        dt = t - (num_frames - 1) / 2  # frames from the middle
+        ramp = t / max(num_frames - 1, 1)  # 0 -> 1
+        shift = {"right": (speed * dt, 0), "left": (-speed * dt, 0)}.get(cls, (0, 0))
+        scale = {"grow": math.exp(rate * dt), "shrink": math.exp(-rate * dt)}.get(cls, 1.0)
+        level = {"brighten": 0.55 + 0.45 * ramp, "darken": 1.0 - 0.45 * ramp}.get(cls, 1.0)  # of the way to colour
+        points = np.round(centre + shift + radius * scale * shape).astype(np.int32)
+        inside = cv2.fillPoly(np.zeros((H, W), np.float32), [points], 1)[..., None]
+        yield np.clip(ground + inside * (colour - ground) * level, 0, 255).astype(np.uint8)

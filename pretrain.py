@@ -74,7 +74,7 @@ def main(argv=None):
 
     # The videos: the training split (no labels needed), and held-out ones for the figures at each checkpoint.
     samples = data.load_samples(args.data_path, args.data_set, args.split, train=True)[0]
-    samples = engine.training_subset(samples, args)
+    samples = data.training_subset(samples, args.per_class)
     dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate, args.input_size,
                                 num_sample=args.num_sample, seed=args.seed, in_memory=args.in_memory)
     loader, sampler = engine.make_loader(dataset, args, ctx, train=True)
