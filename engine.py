@@ -2,16 +2,12 @@
 torchrun, loaders, the lr schedule, the bookkeeping of an epoch, checkpoints, resuming and the log."""
 import argparse
 import contextlib
-import json
 import math
 import os
 import resource
 import sys
 import time
-from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -19,8 +15,7 @@ from tqdm import tqdm
 
 import data
 import model as models
-import plots
-from weights import atomic_write, read_file
+from weights import RunFolder, read_file
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -413,59 +408,27 @@ class BadVideos:
 
 # ----------------------------------------------------------------------------- the output folder
 
-CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
-          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
-
-
-def write_png(path, img):
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
-
-
-def curves_png(log_path, path):
-    """curves.png: one panel for each figure of CURVES that log.jsonl holds, against the epoch."""
-    records = [r for r in map(json.loads, Path(log_path).read_text().splitlines()) if "epoch" in r]
-    panels = []
-    for key, title in CURVES.items():
-        points = [(r["epoch"], r[key]) for r in records if key in r]
-        if points:
-            panels.append(plots.line_chart(points, title, percent=key.endswith("top1")))
-    write_png(path, np.hstack(panels))
-
-
 def resume_path(args):
     """--resume, else the newest checkpoint in --output_dir; None for a fresh run."""
-    latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if args.resume:
-        return args.resume
-    return latest if os.path.exists(latest) else None
-
-
-def logged_epoch(line):
-    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is dropped."""
-    try:
-        return json.loads(line).get("epoch", -1)
-    except json.JSONDecodeError:
-        return math.inf
+    return RunFolder(args.output_dir).resume_path(args.resume)
 
 
 class Run:
-    """The output folder: log.jsonl, atomic checkpoints, and resuming from the newest one; and the optimizer's
-    side of a step (loss scaling, accumulation, clipping). Without an optimizer, an evaluation: it appends its
-    lines to the log and leaves every earlier file alone."""
+    """A training run: its folder (weights.RunFolder: log, checkpoints, resuming from the newest), and the
+    optimizer's side of a step (loss scaling, accumulation, clipping). Without an optimizer, an evaluation:
+    it appends its lines to the folder's log and leaves every earlier file alone."""
 
     def __init__(self, args, ctx, net, optimizer, train_set=None):
         self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
-        self.log_path = os.path.join(args.output_dir, "log.jsonl")
-        self.latest = os.path.join(args.output_dir, "checkpoint-latest.pth")
+        self.folder = RunFolder(args.output_dir, ctx.main)
+        self.latest = self.folder.latest
         self.bad_videos = None if train_set is None else BadVideos(train_set, ctx.world, ctx.main)
         self.start_epoch = 0
         config = {"config": dict(vars(args)), "world_size": ctx.world}
         if optimizer is None:  # evaluation only: weights were loaded by the caller
-            if ctx.main:
-                os.makedirs(args.output_dir, exist_ok=True)
-                ctx.print(f"evaluation: its lines are appended to {self.log_path}")
-            self.log({**config, "evaluation": True})
+            ctx.print(f"evaluation: its lines are appended to {self.folder.log_path}")
+            self.folder.log({**config, "evaluation": True})
             return
         resume = resume_path(args)
         if resume:
@@ -475,20 +438,7 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
             self.start_epoch = ckpt["epoch"] + 1
             ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
-        if ctx.main:
-            os.makedirs(args.output_dir, exist_ok=True)
-            for name in os.listdir(args.output_dir):  # half-written files of a killed run
-                if ".tmp" in name:
-                    os.remove(os.path.join(args.output_dir, name))
-            # An epoch is logged before its checkpoint is written: a killed run may have logged epochs that
-            # its checkpoint does not hold (or half a line). They are run, and logged, again.
-            old = []
-            if resume and os.path.exists(self.log_path):
-                old = Path(self.log_path).read_text().splitlines(keepends=True)
-            keep = [line for line in old if logged_epoch(line) < self.start_epoch]
-            config["resumed_at_epoch"] = self.start_epoch if resume else None
-            text = "".join(keep) + json.dumps(config) + "\n"
-            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text(text))
+        self.folder.start(config, self.start_epoch if resume else None)
 
     def set_lr(self, lr):
         """The schedule's lr for this optimizer step, times each group's layer-wise scale (fine-tuning)."""
@@ -511,31 +461,23 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def log(self, record):
-        if self.ctx.main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.folder.log(record)
 
     def numbered(self, epoch):
         """Epochs that get a numbered checkpoint (and the held-out figures): every save_ckpt_freq, and the last."""
         return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def end_epoch(self, epoch, stats, picture=None):
-        """Log, then checkpoint (latest every epoch, numbered every save_ckpt_freq and at the end): whenever
-        the run is killed, the log holds every epoch of the newest checkpoint, and a resume drops the lines
-        past it. picture(path), if given, draws recon-NNNN.png beside each numbered checkpoint."""
-        args, ctx = self.args, self.ctx
+        """Log the epoch, then checkpoint it (weights.RunFolder): the newest every epoch, numbered every
+        save_ckpt_freq and at the end. picture(path), if given, draws recon-NNNN.png beside a numbered one."""
         self.log(stats)
-        if ctx.main:
-            curves_png(self.log_path, os.path.join(args.output_dir, "curves.png"))
-            ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(args)}
-            atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
-            if self.numbered(epoch):
-                numbered = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                atomic_write(numbered, lambda tmp: torch.save(ckpt, tmp))
-                if picture:
-                    picture(os.path.join(args.output_dir, f"recon-{epoch:04d}.png"))
-        ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+        self.folder.draw_curves()
+        ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(self.args)}
+        self.folder.save(ckpt, numbered=self.numbered(epoch))
+        if picture and self.numbered(epoch) and self.ctx.main:
+            picture(os.path.join(self.args.output_dir, f"recon-{epoch:04d}.png"))
+        self.ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 
     def close(self):
         leave_process_group(self.ctx)

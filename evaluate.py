@@ -11,7 +11,8 @@ import data
 import mask as masks
 import model as models
 import plots
-from engine import all_sum, autocast, gather, make_loader, write_png
+from engine import all_sum, autocast, gather, make_loader
+from weights import write_png
 
 
 # ----------------------------------------------------------------------------- every view of every video

@@ -510,7 +510,6 @@ def test_scores_top1_top5_and_mean_class_accuracy():
 
 
 def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
-    from engine import curves_png
     from plots import nice_ticks
     for lo, hi in [(0.0114, 0.429), (4e-5, 0.0156), (0.41, 0.41), (4.51, 4.62), (0, 29)]:
         ticks = nice_ticks(lo, hi)
@@ -520,7 +519,7 @@ def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
     log = tmp_path / "log.jsonl"
     rows = [{"config": {}}] + [{"epoch": e, "loss": 1 / (e + 1), "lr": 0.01, "knn_top1": 0.2 * e} for e in range(4)]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"test": {"top1": 0.5}}]))
-    curves_png(log, tmp_path / "curves.png")
+    W.RunFolder(str(tmp_path)).draw_curves()  # log.jsonl -> curves.png
     img = cv2.imread(str(tmp_path / "curves.png"))
     assert img.shape == (250, 3 * 360, 3)  # loss, lr, k-NN probe: one panel each
     curve = (img == (170, 80, 20)).all(-1)  # the curves' colour
@@ -1323,7 +1322,7 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
         pass
 
     ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=lambda *a: None)
-    atomic_write, log = W.atomic_write, engine.Run.log
+    atomic_write, log = W.atomic_write, W.RunFolder.log
     for kill_at in range(4):
         for half_line in (False, True):
             out = tmp_path / f"kill{kill_at}{'-half' * half_line}"
@@ -1338,8 +1337,8 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
                         raise Killed
                 return write(*a, **k)
 
-            monkeypatch.setattr(engine, "atomic_write", lambda *a, **k: counted(atomic_write, *a, **k))
-            monkeypatch.setattr(engine.Run, "log", lambda *a, **k: counted(log, *a, **k))
+            monkeypatch.setattr(W, "atomic_write", lambda *a, **k: counted(atomic_write, *a, **k))
+            monkeypatch.setattr(W.RunFolder, "log", lambda *a, **k: counted(log, *a, **k))
             args = SimpleNamespace(dtype="fp32", output_dir=str(out), resume=None, epochs=3, save_ckpt_freq=1)
             for attempt in range(2):
                 net = torch.nn.Linear(2, 2)

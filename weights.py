@@ -1,20 +1,26 @@
-"""Weights in and out: the checkpoints people already have, and the export to HuggingFace's layout.
+"""Weights and checkpoints in and out: the checkpoints people already have, a run's own folder, and the
+export to HuggingFace's layout.
 
 load_checkpoint     weights of this project, of the reference code (pre-training or fine-tuned) or of
                     HuggingFace, into a VideoMAE or a VideoViT, with a shape check per tensor.
-export_huggingface  the inverse: config.json and model.safetensors that transformers' from_pretrained reads.
+RunFolder           a training run's log and checkpoints, and resuming from the newest one.
+export_huggingface  the inverse of load_checkpoint: config.json and model.safetensors for transformers.
 atomic_write        every file this project writes goes through it: a killed run never leaves half a file.
 
     python weights.py --export runs/finetune-demo/checkpoint-latest.pth runs/finetune-demo/hf
 """
 import argparse
 import json
+import math
 import os
 import re
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 
+import plots
 from model import PATCH_SIZE, PRESETS, TUBELET_SIZE, VideoViT, build_model
 
 
@@ -23,6 +29,10 @@ def atomic_write(path, write, suffix=""):
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_png(path, img):
+    atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
 
 
 # ----------------------------------------------------------------------------- names: HuggingFace <-> reference
@@ -166,6 +176,80 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
             line += f"; ignored: {', '.join(unexpected)}"
         print(line)
     return missing, unexpected
+
+
+# ----------------------------------------------------------------------------- a training run's folder
+
+CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
+          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
+
+
+class RunFolder:
+    """A training run's output folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth and curves.png.
+    An epoch is logged before its checkpoint is written: whenever a run is killed, the log holds every epoch
+    of the newest checkpoint, and a resume drops the lines past it. Only the main process writes."""
+
+    def __init__(self, output_dir, main=True):
+        self.dir, self.main = output_dir, main
+        self.log_path = os.path.join(output_dir, "log.jsonl")
+        self.latest = os.path.join(output_dir, "checkpoint-latest.pth")
+
+    def resume_path(self, resume=None):
+        """`resume` (--resume), else the newest checkpoint here; None for a fresh run."""
+        if resume:
+            return resume
+        return self.latest if os.path.exists(self.latest) else None
+
+    def start(self, config, start_epoch=None):
+        """A training run begins here, fresh (start_epoch None) or resumed: half-written files of a killed run
+        go, and so do the log's lines of epochs past the checkpoint (they are run, and logged, again)."""
+        if not self.main:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        for name in os.listdir(self.dir):
+            if ".tmp" in name:
+                os.remove(os.path.join(self.dir, name))
+        old = []
+        if start_epoch is not None and os.path.exists(self.log_path):
+            old = Path(self.log_path).read_text().splitlines(keepends=True)
+        keep = [line for line in old if _logged_epoch(line) < (start_epoch or 0)]
+        text = "".join(keep) + json.dumps({**config, "resumed_at_epoch": start_epoch}) + "\n"
+        atomic_write(self.log_path, lambda tmp: Path(tmp).write_text(text))
+
+    def log(self, record):
+        if self.main:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, ckpt, numbered=False):
+        """The newest checkpoint, and with `numbered` checkpoint-NNNN.pth of its epoch as well."""
+        if not self.main:
+            return
+        atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
+        if numbered:
+            path = os.path.join(self.dir, f"checkpoint-{ckpt['epoch']:04d}.pth")
+            atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+    def draw_curves(self):
+        """curves.png: one panel for each figure of CURVES that the log holds, against the epoch."""
+        if not self.main:
+            return
+        records = [r for r in map(json.loads, Path(self.log_path).read_text().splitlines()) if "epoch" in r]
+        panels = []
+        for key, title in CURVES.items():
+            points = [(r["epoch"], r[key]) for r in records if key in r]
+            if points:
+                panels.append(plots.line_chart(points, title, percent=key.endswith("top1")))
+        write_png(os.path.join(self.dir, "curves.png"), np.hstack(panels))
+
+
+def _logged_epoch(line):
+    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is dropped."""
+    try:
+        return json.loads(line).get("epoch", -1)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 # ----------------------------------------------------------------------------- writing: the HuggingFace layout
