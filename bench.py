@@ -6,22 +6,24 @@
     python bench.py --device cuda --model base --batch 32 --dtype bf16 --compile --skip_data
     python bench.py --smoke                  # every row at toy sizes, in well under a minute
 
-Model rows: forward + backward + AdamW step (fused where torch has it) of our VideoMAE and of transformers'
-VideoMAEForPreTraining built to the same sizes, on the same clip and tube mask. TFLOP/s count training matmul
-FLOPs (model.VideoMAE.flops_per_clip); MFU divides them by a square matmul's speed in the same dtype, measured
-in the same run (on a GPU fp32 means TF32 matmuls, as pretrain.py trains). Memory is the peak of a step above
-what was allocated before it (weights, AdamW state, input), median of up to 3 steps: torch.cuda.max_memory_allocated
-on a GPU; on a Linux CPU the resident high-water mark (VmHWM, reset through /proc/self/clear_refs after glibc's
-malloc_trim has handed freed memory back), which also counts memory the allocator keeps cached.
+Model rows: forward + backward + AdamW step (fused where torch has it) of our VideoMAE and of
+transformers' VideoMAEForPreTraining built to the same sizes, on the same clip and tube mask.
+TFLOP/s count training matmul FLOPs (model.VideoMAE.flops_per_clip); MFU divides them by a square
+matmul's speed in the same dtype, measured in the same run (on a GPU fp32 means TF32 matmuls, as
+pretrain.py trains). Memory is the peak of a step above what was allocated before it (weights, AdamW
+state, input), median of up to 3 steps: torch.cuda.max_memory_allocated on a GPU; on a Linux CPU the
+resident high-water mark (VmHWM, reset through /proc/self/clear_refs after glibc's malloc_trim has
+handed freed memory back), which also counts memory the allocator keeps cached.
 
-Data rows: 16-frame clips at stride 4, cropped to 224, from UCF101-like videos written once into data/bench/
-(320x240 XVID, 25 fps, 7 s). In one process on one thread: the decoder's floor (seek, then grab() the 61 frames
-a clip spans, nothing converted to pixels), the reference code's way (decord, PIL crop and bilinear resize, float
-and ImageNet normalisation), data.VideoDataset with 1 and 2 clips per decode; then VideoDataset through a
-DataLoader with 1 and --workers processes.
+Data rows: 16-frame clips at stride 4, cropped to 224, from UCF101-like videos written once into
+data/bench/ (320x240 XVID, 25 fps, 7 s). In one process on one thread: the decoder's floor (seek,
+then grab() the 61 frames a clip spans, nothing converted to pixels), the reference code's way
+(decord, PIL crop and bilinear resize, float and ImageNet normalisation), data.VideoDataset with 1
+and 2 clips per decode; then VideoDataset through a DataLoader with 1 and --workers processes.
 
-Every figure is the median of --reps timed repetitions after --warmup untimed ones. The contenders of a
-comparison take turns within each repetition, so a slow spell of a shared machine slows them alike.
+Every figure is the median of --reps timed repetitions after --warmup untimed ones. The contenders
+of a comparison take turns within each repetition, so a slow spell of a shared machine slows them
+alike.
 """
 import argparse
 import ctypes
@@ -47,8 +49,9 @@ RATE = 4  # sampling rate: frames between a clip's frames
 
 
 def race(contenders, reps, warmup, sync=lambda: None):
-    """Median seconds of each callable, run in turns: `warmup` untimed rounds, then `reps` timed ones.
-    The order rotates every round, so no contender always runs first or right after the same other."""
+    """Median seconds of each callable, run in turns: `warmup` untimed rounds, then `reps` timed
+    ones. The order rotates every round, so no contender always runs first or right after the same
+    other."""
     names, times = list(contenders), {k: [] for k in contenders}
     for r in range(warmup + reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -67,7 +70,8 @@ def _status_kb(key):
 
 
 def step_peak_mb(step, device):
-    """Peak memory of one call of `step` above what was allocated before it, in MB; None where not measurable."""
+    """Peak memory of one call of `step` above what was allocated before it, in MB; None where not
+    measurable."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -203,7 +207,8 @@ def model_rows(args, device, sync, rows):
 
 
 def loss_gap(args, device, video, step_masks, dmask):
-    """Largest relative difference of the losses of two runs from the same init on the same data, fp32 and bf16."""
+    """Largest relative difference of the losses of two runs from the same init on the same data,
+    fp32 and bf16."""
     curves = []
     for dtype in ("fp32", "bf16"):
         net, opt = build_ours(args, device)
@@ -213,7 +218,8 @@ def loss_gap(args, device, video, step_masks, dmask):
 
 
 def write_video(path, rng, num_frames, W, H):
-    """Textured shapes bouncing over a textured, slowly panning background, with sensor noise: XVID, 25 fps."""
+    """Textured shapes bouncing over a textured, slowly panning background, with sensor noise: XVID,
+    25 fps."""
     def texture(h, w):
         blotches = cv2.resize(rng.integers(0, 256, (h // 12 + 2, w // 12 + 2, 3), dtype=np.uint8), (w, h),
                               interpolation=cv2.INTER_CUBIC)
@@ -259,7 +265,8 @@ def bench_videos(folder, count, num_frames, W, H):
 
 
 def reference_clip(path, T, size, rng):
-    """The reference code's pre-training read: decord, PIL crop + bilinear resize per frame, float, normalised."""
+    """The reference code's pre-training read: decord, PIL crop + bilinear resize per frame, float,
+    normalised."""
     import decord
     from PIL import Image
     vr = decord.VideoReader(path, num_threads=1)

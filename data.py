@@ -1,7 +1,8 @@
-"""Video data, top down: which frames a clip takes and how it is cropped (the reference's rules, from
-github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset that serves clips as uint8
-(V, T, H, W, 3), the data sets on disk, the demo set, and frame-exact OpenCV reading that survives broken files.
-`python data.py --check DATA_PATH` reports unreadable, truncated, slow and short videos."""
+"""Video data, top down: which frames a clip takes and how it is cropped (the reference's rules,
+from github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset that serves clips
+as uint8 (V, T, H, W, 3), the data sets on disk, the demo set, and frame-exact OpenCV reading that
+survives broken files. `python data.py --check DATA_PATH` reports unreadable, truncated, slow and
+short videos."""
 import argparse
 import json
 import math
@@ -24,27 +25,33 @@ from model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the loss target
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
 SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
 
-# Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each FFmpeg decoder
-# run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and oversubscribe.
+# Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each
+# FFmpeg decoder
+# run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and
+# oversubscribe.
 cv2.setNumThreads(1)
-# A broken file is reported once, by name, by the code that reads it; FFmpeg's and OpenCV's own lines about it
-# ("moov atom not found", "can't be used to capture by name") would repeat it in every worker and epoch.
+# A broken file is reported once, by name, by the code that reads it; FFmpeg's and OpenCV's own
+# lines about it
+# ("moov atom not found", "can't be used to capture by name") would repeat it in every worker and
+# epoch.
 os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET; read when OpenCV first opens a file
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def normalize(clips):
-    """uint8 (..., T, H, W, 3) RGB -> float32 (..., 3, T, H, W) ImageNet-normalised, on clips' device."""
+    """uint8 (..., T, H, W, 3) RGB -> float32 (..., 3, T, H, W) ImageNet-normalised, on clips'
+    device."""
     x = clips.movedim(-1, -4).contiguous().float()  # reorder the uint8 (1 byte per value), then convert
     mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
     return x.sub_(mean).div_(std)
 
 
-# ----------------------------------------------------------------------------- which frames: sampling
+# ----------------------------------------------------------------------------- which frames:
+# sampling
 
 def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
-    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test clips, as a
-    list, by the reference's rules, short videos included (kinetics.py, ssv2.py)."""
+    """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test
+    clips, as a list, by the reference's rules, short videos included (kinetics.py, ssv2.py)."""
     T, r, S = num_frames, sampling_rate, test_num_segment
     if sampling == 'segment' and mode == 'test':  # ssv2.py: T segments, at offsets 0 and 1/2 of one (S = 2)
         tick = n / T
@@ -71,11 +78,13 @@ def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=No
     return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
 
 
-# ----------------------------------------------------------------------------- where in the frame: crops
+# ----------------------------------------------------------------------------- where in the
+# frame: crops
 
 def multiscale_crop_box(H, W, size, rng):
-    """Pre-training's GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the short side,
-    width and height scale indices at most 1 apart, offset among 13 fixed positions. (x, y, w, h)."""
+    """Pre-training's GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the
+    short side, width and height scale indices at most 1 apart, offset among 13 fixed positions. (x,
+    y, w, h)."""
     sides = [int(min(H, W) * s) for s in (1, .875, .75, .66)]
     sides = [size if abs(s - size) < 3 else s for s in sides]
     pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
@@ -87,9 +96,9 @@ def multiscale_crop_box(H, W, size, rng):
 
 
 def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10, largest=None):
-    """(x, y, w, h) of fine-tuning's crop (torchvision's RandomResizedCrop draw): area a uniform fraction
-    `scale` of the frame's, aspect w / h log-uniform in `ratio`, sides at most `largest` (h, w) (the frame's
-    by default); None after `tries` draws that do not fit."""
+    """(x, y, w, h) of fine-tuning's crop (torchvision's RandomResizedCrop draw): area a uniform
+    fraction `scale` of the frame's, aspect w / h log-uniform in `ratio`, sides at most `largest`
+    (h, w) (the frame's by default); None after `tries` draws that do not fit."""
     max_h, max_w = largest or (H, W)
     for _ in range(tries):
         area = H * W * rng.uniform(*scale)
@@ -101,16 +110,18 @@ def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=1
 
 
 def eval_crop_boxes(H, W, num_crop):
-    """Test crops (kinetics.py): short-side squares at left/centre/right along the long side (centre for 1)."""
+    """Test crops (kinetics.py): short-side squares at left/centre/right along the long side (centre
+    for 1)."""
     s, room = min(H, W), abs(W - H)
     starts = np.linspace(0, room, num_crop) if num_crop > 1 else [room / 2]
     return [(int(o), 0, s, s) if W >= H else (0, int(o), s, s) for o in starts]
 
 
 def _render(frames, indices, box, size, flip, out, area=False):
-    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames, resize into `out`, colour-convert
-    (and flip) in place, with no copy of the clip. Bilinear; with `area`, a crop larger than `size` both ways is
-    averaged (INTER_AREA), closer to the PIL filter of the reference's pre-training, which averages to shrink."""
+    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames, resize into `out`,
+    colour-convert (and flip) in place, with no copy of the clip. Bilinear; with `area`, a crop
+    larger than `size` both ways is averaged (INTER_AREA), closer to the PIL filter of the
+    reference's pre-training, which averages to shrink."""
     x, y, w, h = box
     interpolation = cv2.INTER_AREA if area and w > size and h > size else cv2.INTER_LINEAR
     for t, i in enumerate(indices):
@@ -125,12 +136,13 @@ def _render(frames, indices, box, size, flip, out, area=False):
 # ----------------------------------------------------------------------------- the dataset
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample crops of one
-    decoded clip (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x test_num_crop views in
-    'test' mode; augment(view, rng), if given, alters each 'train' crop in place. An unreadable video is
-    replaced by the next sample: `substituted` counts the unreadable samples skipped from `index` on;
-    `truncated` is the number of frames that decode in a file that holds fewer than its container claims.
-    The items carry the news; the training loop names the files (engine.BadVideos)."""
+    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample
+    crops of one decoded clip (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x
+    test_num_crop views in 'test' mode; augment(view, rng), if given, alters each 'train' crop in
+    place. An unreadable video is replaced by the next sample: `substituted` counts the unreadable
+    samples skipped from `index` on; `truncated` is the number of frames that decode in a file that
+    holds fewer than its container claims. The items carry the news; the training loop names the
+    files (engine.BadVideos)."""
 
     def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
                  sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
@@ -168,11 +180,13 @@ class VideoDataset(torch.utils.data.Dataset):
         raise VideoReadError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
 
     def _load(self, j):
-        """The views of sample j, uint8 (V, T, H, W, 3); raises VideoReadError for a file that cannot be read."""
+        """The views of sample j, uint8 (V, T, H, W, 3); raises VideoReadError for a file that
+        cannot be read."""
         path = self.samples[j][0]
         video = self.frames.get(path)
         cap, n = _open(path) if video is None else (None, len(video))
-        # A generator per item from torch's RNG, re-seeded per worker and epoch: new each epoch, replayed on resume.
+        # A generator per item from torch's RNG, re-seeded per worker and epoch: new each
+        # epoch, replayed on resume.
         rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
         clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
         if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same frames, num_sample crops
@@ -198,9 +212,10 @@ class VideoDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- data sets on disk
 
 def load_samples(data_path, data_set=None, split=1, train=True):
-    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' or 'HMDB51'
-    (the folder as distributed, its split folder beside or inside), 'list' (a list file, or a folder with
-    train.txt and val.txt), 'folder' (class subfolders, or any videos: unlabelled), 'demo', None: detect."""
+    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' or
+    'HMDB51' (the folder as distributed, its split folder beside or inside), 'list' (a list file, or
+    a folder with train.txt and val.txt), 'folder' (class subfolders, or any videos: unlabelled),
+    'demo', None: detect."""
     root = Path(data_path)
     if data_set == 'demo':  # an existing demo set is used whatever its parameters
         if not (root / 'meta.json').is_file():
@@ -249,7 +264,8 @@ def training_subset(samples, per_class=None):
 
 
 def guess_data_set(data_path):
-    """The format of data_path: 'list', 'UCF101' or 'HMDB51' (their split folders found), else 'folder'."""
+    """The format of data_path: 'list', 'UCF101' or 'HMDB51' (their split folders found), else
+    'folder'."""
     root = Path(data_path)
     is_list = root.is_file() or (root / 'train.txt').is_file()
     return 'list' if is_list else next(iter(_split_dirs(root)), 'folder')
@@ -267,8 +283,9 @@ def _lines(path):
 
 
 def _list_file(lst):
-    """'path label' per line (the reference's format; paths relative to the list's folder or absolute);
-    a line without a label gets label -1. Class names: each label's common parent folder, else the label."""
+    """'path label' per line (the reference's format; paths relative to the list's folder or
+    absolute); a line without a label gets label -1. Class names: each label's common parent folder,
+    else the label."""
     entries, parents = [], {}
     for where, line in _lines(lst):
         m = re.fullmatch(r'(.+?)\s+(-?\d+)', line)
@@ -285,7 +302,8 @@ DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
 
 
 def _demo_video(path, cls, rng, num_frames, W=96, H=72):
-    """One video of class `cls` (plots.demo_frames draws it), as XVID (MJPG where OpenCV lacks XVID)."""
+    """One video of class `cls` (plots.demo_frames draws it), as XVID (MJPG where OpenCV lacks
+    XVID)."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
     if not writer.isOpened():
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
@@ -296,9 +314,10 @@ def _demo_video(path, cls, rng, num_frames, W=96, H=72):
 
 def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20, num_frames=48,
                       seed=0):
-    """Synthetic motion classes in root/<class>/*.avi with train.txt and val.txt, deterministic from seed; a set
-    with the same parameters is reused, any other folder left alone. Built in a temporary folder, renamed when
-    complete: a killed build leaves nothing, and of calls racing for one root the first to finish provides it."""
+    """Synthetic motion classes in root/<class>/*.avi with train.txt and val.txt, deterministic from
+    seed; a set with the same parameters is reused, any other folder left alone. Built in a
+    temporary folder, renamed when complete: a killed build leaves nothing, and of calls racing for
+    one root the first to finish provides it."""
     root = Path(root)
     meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
                 num_frames=num_frames, seed=seed, version=3)
@@ -335,7 +354,8 @@ def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_
     return root
 
 
-# ----------------------------------------------------------------------------- reading frames, broken files too
+# ----------------------------------------------------------------------------- reading frames,
+# broken files too
 
 SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
 _SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
@@ -360,17 +380,19 @@ def video_length(path):
 
 
 def read_frames(path, indices):
-    """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed), frame-exact."""
+    """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed),
+    frame-exact."""
     indices = [int(i) for i in indices]
     frames = _decode(_open(path)[0], path, sorted(set(indices)))
     return np.stack([cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB) for i in indices])
 
 
 def _decode(cap, path, wanted, seek=True):
-    """{index: BGR frame} for the sorted unique `wanted` indices, as a sequential decode from 0 gives them
-    (indices past the real end get its last frame); only wanted frames are converted (retrieve). From SEEK_MIN
-    on it seeks (exact by timestamp for constant frame rates: XVID, mp4v, H.264 with B-frames, see the tests);
-    if the frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
+    """{index: BGR frame} for the sorted unique `wanted` indices, as a sequential decode from 0
+    gives them (indices past the real end get its last frame); only wanted frames are converted
+    (retrieve). From SEEK_MIN on it seeks (exact by timestamp for constant frame rates: XVID, mp4v,
+    H.264 with B-frames, see the tests); if the frame after the seek lacks wanted[0]'s timestamp,
+    the file is decoded from 0."""
     path, first, last = str(path), wanted[0], wanted[-1]
     fps = cap.get(cv2.CAP_PROP_FPS)
     seek = seek and first >= SEEK_MIN and fps > 0 and path not in _SEEK_UNSAFE
@@ -402,7 +424,8 @@ def _decode(cap, path, wanted, seek=True):
 
 
 def _decode_all(path):
-    """Every frame of a video, BGR (n, H, W, 3), or None if it does not decode (the dataset reports it later)."""
+    """Every frame of a video, BGR (n, H, W, 3), or None if it does not decode (the dataset reports
+    it later)."""
     try:
         cap, n = _open(path)
         return np.stack(list(_decode(cap, path, list(range(n)), seek=False).values()))
@@ -411,8 +434,9 @@ def _decode_all(path):
 
 
 def _probe(path, min_frames):
-    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims, a seek
-    that misses its frame (the middle one read both ways; such files decode from frame 0, slowly), too short."""
+    """'' for a sound file, else a report line: unreadable, fewer frames than the container claims,
+    a seek that misses its frame (the middle one read both ways; such files decode from frame 0,
+    slowly), too short."""
     try:
         cap, n = _open(path)
         count = sum(1 for _ in iter(cap.grab, False))  # the frames that decode

@@ -1,5 +1,6 @@
-"""What pretrain.py and finetune.py share, none of it VideoMAE itself: arguments and recipes, processes under
-torchrun, loaders, the lr schedule, the bookkeeping of an epoch, checkpoints, resuming and the log."""
+"""What pretrain.py and finetune.py share, none of it VideoMAE itself: arguments and recipes,
+processes under torchrun, loaders, the lr schedule, the bookkeeping of an epoch, checkpoints,
+resuming and the log."""
 import argparse
 import contextlib
 import math
@@ -15,13 +16,14 @@ from tqdm import tqdm
 
 import data
 import model as models
-from weights import RunFolder, read_file
+from weights import RunFolder
 
 
 # ----------------------------------------------------------------------------- arguments
 
-# Flags whose default comes from the recipe (None until finish_args): (names, type, help). The first name
-# is this project's, the second the reference's spelling, where it differs.
+# Flags whose default comes from the recipe (None until finish_args): (names, type, help); the
+# second name
+# is the reference's spelling.
 RECIPE_FLAGS = [
     (["--batch_size"], int, "videos per process and step"),
     (["--epochs"], int, ""),
@@ -37,7 +39,6 @@ RECIPE_FLAGS = [
 
 
 def common_parser(doc, recipes, demo):
-    """The flags both scripts take."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     arg = p.add_argument
@@ -71,8 +72,8 @@ def common_parser(doc, recipes, demo):
 
 
 def finish_args(parser, argv, recipes, demo):
-    """Parse, fill every flag not given from the recipe (the demo's values over K400's without --data_path)
-    and reject bad values with one line."""
+    """Parse; every flag not given from the recipe (without --data_path the demo's values over
+    K400's)."""
     args = parser.parse_args(argv)
     args.demo = args.data_path is None and not getattr(args, "predict", None)  # --predict reads no data set
     if args.demo:
@@ -83,19 +84,12 @@ def finish_args(parser, argv, recipes, demo):
     if args.data_set is None and args.data_path:
         args.data_set = data.guess_data_set(args.data_path)
     args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
-    recipe = recipes[args.recipe]
-    if args.demo:
-        recipe = {**recipe, **demo}
+    recipe = {**recipes[args.recipe], **demo} if args.demo else recipes[args.recipe]
     args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # flags not given
     for key in args.recipe_defaults:
         setattr(args, key, recipe[key])
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    if getattr(args, "predict", None):
-        run = "predict"
-    elif args.demo:
-        run = "demo"
-    else:
-        run = args.data_set or "data"
+    run = "predict" if getattr(args, "predict", None) else "demo" if args.demo else args.data_set or "data"
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_workers is None:  # clips cut from frames held in memory cost less than starting processes
@@ -115,15 +109,15 @@ def finish_args(parser, argv, recipes, demo):
 # ----------------------------------------------------------------------------- processes
 
 class Context:
-    """Where this process runs: rank, world size, device; only rank 0 prints."""
+    """Where this process runs (torchrun's RANK, WORLD_SIZE, LOCAL_RANK): rank, world, device; rank
+    0 prints."""
 
     def __init__(self, args):
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(args.device)
         if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.local_rank)
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -137,8 +131,9 @@ class Context:
 
 
 def setup(args):
-    """The process's Context, the lr and min_lr from the base values, the seed. The reference's rule: the
-    base values times videos per optimizer step / 256; the num_sample clips cut from each video do not count."""
+    """The process's Context, the lr and min_lr from the base values, the seed. The reference's
+    rule: the base values times videos per optimizer step / 256; the num_sample clips cut from each
+    video do not count."""
     ctx = Context(args)
     videos = args.batch_size * ctx.world * args.accum_iter  # videos per optimizer step
     args.lr = args.blr * videos / 256
@@ -180,8 +175,8 @@ def refuse(message):
 
 
 def fail(message, ctx, bar=None):
-    """Stop the run: progress bar closed, `message` as rank 0's last line, exit status 1 on every process,
-    no traceback; the checkpoints stay as they are."""
+    """Stop the run: progress bar closed, `message` as rank 0's last line, exit status 1 on every
+    process, no traceback; the checkpoints stay as they are."""
     if bar is not None:
         bar.close()
     ctx.print(message)
@@ -189,7 +184,8 @@ def fail(message, ctx, bar=None):
     sys.exit(1)
 
 
-# ----------------------------------------------------------------------------- loaders, model, schedule
+# ----------------------------------------------------------------------------- loaders, model,
+# schedule
 
 def make_loader(dataset, args, ctx, train):
     """A DataLoader over this process's share of the videos (shuffled for training)."""
@@ -206,16 +202,17 @@ def make_loader(dataset, args, ctx, train):
 
 
 def start_epoch(epoch, sampler, args, ctx):
-    """Seed the epoch's shuffle, torch's RNG (data workers, drop path, mixup) and a device generator from
-    (seed, epoch, rank): a resumed run replays exactly what the uninterrupted one would. Returns the
-    generator (the masks, mixup and cutmix draw from it)."""
+    """Seed the epoch's shuffle, torch's RNG (data workers, drop path, mixup) and a device generator
+    from (seed, epoch, rank): a resumed run replays exactly what the uninterrupted one would.
+    Returns the generator (the masks, mixup and cutmix draw from it)."""
     sampler.set_epoch(epoch)
     torch.manual_seed(((args.seed + 1) * 1_000_003 + epoch) * 1009 + ctx.rank)
     return torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + epoch) * 1009 + ctx.rank)
 
 
 def wrap(net, args, ctx):
-    """The module the loop calls: compiled with --compile, in DistributedDataParallel under torchrun."""
+    """The module the loop calls: compiled with --compile, in DistributedDataParallel under
+    torchrun."""
     model = torch.compile(net) if args.compile else net
     if ctx.world > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -224,8 +221,9 @@ def wrap(net, args, ctx):
 
 
 def param_groups(model, weight_decay, layer_decay=None):
-    """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with layer_decay,
-    lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1 for fc_norm and head."""
+    """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with
+    layer_decay, lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1
+    for fc_norm and head."""
     depth = len(model.blocks) if hasattr(model, "blocks") else 0
     groups = {}
     for name, p in model.named_parameters():
@@ -262,25 +260,22 @@ def autocast(args, ctx):
 
 
 def gradient_sync(model, sync):
-    """DistributedDataParallel averages the gradients over processes in backward(); the micro-batches of an
-    optimizer step before the last (--accum_iter) only add to them, without that exchange."""
+    """DistributedDataParallel averages the gradients over processes in backward(); the
+    micro-batches of an optimizer step before the last (--accum_iter) only add to them, without that
+    exchange."""
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
-# ----------------------------------------------------------------------------- the epoch's bookkeeping
+# ----------------------------------------------------------------------------- the epoch's
+# bookkeeping
 
 class Meter:
-    """Everything a training epoch records beside the method: the progress bar, the loss, clips/s, the
-    time spent waiting for data, damaged videos (named once, the run stopped past the limit), the
-    finite-loss check, peak memory. The scripts' loops read
-
-        for step, batches in meter.steps():      # optimizer steps
-            for video, labels, last in batches:  # --accum_iter micro-batches, on the device
-                ...
-                meter.record(loss)
-    """
+    """What a training epoch records beside the method: the progress bar, the loss, clips/s, the
+    time spent waiting for data, damaged videos, the finite-loss check, peak memory. steps() yields
+    each optimizer step's micro-batches (--accum_iter), record() takes each one's loss, summary()
+    gives the epoch's figures."""
 
     def __init__(self, run, epoch, loader):
         self.run, self.ctx, self.args = run, run.ctx, run.args
@@ -303,8 +298,8 @@ class Meter:
             self.bar.update(1)
 
     def _micro_batches(self, batches):
-        """(video, labels, last) for each micro-batch of a step: the num_sample clips of each video as
-        ImageNet-normalised (B * num_sample, 3, T, H, W) on the device, labels repeated alike."""
+        """(video, labels, last) for each micro-batch of a step: the num_sample clips of each video
+        as ImageNet-normalised (B * num_sample, 3, T, H, W) on the device, labels repeated alike."""
         for k in range(self.args.accum_iter):
             waiting = time.perf_counter()
             try:
@@ -321,7 +316,8 @@ class Meter:
             yield video, labels, k == self.args.accum_iter - 1
 
     def record(self, loss, lr):
-        """A micro-batch's loss; every 10 micro-batches the checks that need every process, and the bar."""
+        """A micro-batch's loss; every 10 micro-batches the checks that need every process, and the
+        bar."""
         self.loss_sum += loss.detach()
         self.lr = lr
         it = self.batches_done
@@ -359,10 +355,10 @@ class Meter:
 
 
 class BadVideos:
-    """A training run's record of damaged videos, from what the dataset's items report. Workers restart every
-    epoch and each loads only its share, so the record lives here, synchronised across the `world` processes:
-    each file is named once per run, and the unreadable ones of all workers and processes count against the
-    dataset's max_bad_fraction."""
+    """A training run's record of damaged videos, from what the dataset's items report. Workers
+    restart every epoch and each loads only its share, so the record lives here, synchronised across
+    the `world` processes: each file is named once per run, and the unreadable ones of all workers
+    and processes count against the dataset's max_bad_fraction."""
 
     def __init__(self, dataset, world=1, main=True):
         self.samples, self.world, self.main = dataset.samples, world, main
@@ -371,13 +367,14 @@ class BadVideos:
         self.news = []  # (sample index, frames that decode or 0) since the last sync
 
     def add(self, index, substituted, truncated):
-        """A batch's items: item i skipped `substituted` unreadable samples, then read i + substituted."""
+        """A batch's items: item i skipped `substituted` unreadable samples, then read i +
+        substituted."""
         for i, skipped, frames in zip(index.tolist(), substituted.tolist(), truncated.tolist()):
             self.news += [(i + k, 0) for k in range(skipped)]
             if frames:
                 self.news.append((i + skipped, frames))
 
-    def sync(self, write=print):
+    def sync(self, write):
         """Gather every process's news; write(line) names each new file. True when over the limit."""
         news = [self.news]
         if self.world > 1:
@@ -396,7 +393,6 @@ class BadVideos:
         return len(self.unreadable) > self.limit
 
     def too_many(self, data_path, data_set, checkpoint):
-        """The last line of a run stopped by too many unreadable videos."""
         names = sorted(self.unreadable)
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         check = f"python data.py --check {data_path}" + (f" --data_set {data_set}" if data_set else "")
@@ -414,9 +410,9 @@ def resume_path(args):
 
 
 class Run:
-    """A training run: its folder (weights.RunFolder: log, checkpoints, resuming from the newest), and the
-    optimizer's side of a step (loss scaling, accumulation, clipping). Without an optimizer, an evaluation:
-    it appends its lines to the folder's log and leaves every earlier file alone."""
+    """A training run: its folder (weights.RunFolder: log, checkpoints, resuming from the newest),
+    and the optimizer's side of a step (loss scaling, accumulation, clipping). Without an optimizer,
+    an evaluation: it appends its lines to the folder's log and leaves every earlier file alone."""
 
     def __init__(self, args, ctx, net, optimizer, train_set=None):
         self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
@@ -432,27 +428,25 @@ class Run:
             return
         resume = resume_path(args)
         if resume:
-            ckpt = read_file(resume)
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            self.start_epoch = ckpt["epoch"] + 1
+            self.start_epoch = self.folder.restore(resume, net, optimizer, self.scaler)
             ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
         self.folder.start(config, self.start_epoch if resume else None)
 
     def set_lr(self, lr):
-        """The schedule's lr for this optimizer step, times each group's layer-wise scale (fine-tuning)."""
+        """The schedule's lr for this optimizer step, times each group's layer-wise scale
+        (fine-tuning)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def backward(self, loss):
-        """Add this micro-batch's gradient: loss / accum_iter, so that accumulation equals one larger batch;
-        scaled by the fp16 loss scaler (a no-op otherwise)."""
+        """Add this micro-batch's gradient: loss / accum_iter, so that accumulation equals one
+        larger batch; scaled by the fp16 loss scaler (a no-op otherwise)."""
         self.scaler.scale(loss / self.args.accum_iter).backward()
 
     def step(self):
-        """The optimizer step on the accumulated gradients: unscaled, clipped to --clip_grad, applied, zeroed."""
+        """AdamW on the accumulated gradients: unscaled, clipped to --clip_grad, applied, then
+        zeroed."""
         if self.args.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.args.clip_grad)
@@ -464,12 +458,14 @@ class Run:
         self.folder.log(record)
 
     def numbered(self, epoch):
-        """Epochs that get a numbered checkpoint (and the held-out figures): every save_ckpt_freq, and the last."""
+        """Epochs that get a numbered checkpoint (and the held-out figures): every save_ckpt_freq,
+        and the last."""
         return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def end_epoch(self, epoch, stats, picture=None):
-        """Log the epoch, then checkpoint it (weights.RunFolder): the newest every epoch, numbered every
-        save_ckpt_freq and at the end. picture(path), if given, draws recon-NNNN.png beside a numbered one."""
+        """Log the epoch, then checkpoint it (weights.RunFolder): the newest every epoch, numbered
+        every save_ckpt_freq and at the end. picture(path), if given, draws recon-NNNN.png beside a
+        numbered one."""
         self.log(stats)
         self.folder.draw_curves()
         ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),

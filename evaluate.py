@@ -1,6 +1,6 @@
-"""How good a model is: multi-view testing of a classifier, the k-NN probe of frozen features, and the
-reconstruction loss of a pre-training model beside two predictors that know nothing of videos; with the
-pictures of each (drawn by plots.py)."""
+"""How good a model is: multi-view testing of a classifier, the k-NN probe of frozen features, and
+the reconstruction loss of a pre-training model beside two predictors that know nothing of videos;
+with the pictures of each (drawn by plots.py)."""
 import os
 
 import numpy as np
@@ -15,12 +15,13 @@ from engine import all_sum, autocast, gather, make_loader
 from weights import write_png
 
 
-# ----------------------------------------------------------------------------- every view of every video
+# ----------------------------------------------------------------------------- every view of
+# every video
 
 def per_video(fn, dataset, args, ctx):
-    """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset, across all
-    processes, averaged over each video's views. Returns (num_videos, K), the videos seen, and the videos
-    that could not be read (their items hold another video's views)."""
+    """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset,
+    across all processes, averaged over each video's views. Returns (num_videos, K), the videos
+    seen, and the videos that could not be read (their items hold another video's views)."""
     loader, _ = make_loader(dataset, args, ctx, train=False)
     rows, out = [], []
     unreadable = torch.zeros(len(dataset))
@@ -39,9 +40,9 @@ def per_video(fn, dataset, args, ctx):
 
 
 def merge_views(indices, probs, num_videos):
-    """Average the scores of every view of each video; `indices` (rows, 2) name the (video, view) of each row.
-    Rows repeated by a distributed sampler's padding are counted once. Returns (num_videos, C) and the videos
-    seen."""
+    """Average the scores of every view of each video; `indices` (rows, 2) name the (video, view) of
+    each row. Rows repeated by a distributed sampler's padding are counted once. Returns
+    (num_videos, C) and the videos seen."""
     unique_rows = {}
     for row, (i, view) in enumerate(indices.tolist()):
         unique_rows[(i, view)] = row  # the same (video, view) twice is the padding
@@ -55,8 +56,8 @@ def merge_views(indices, probs, num_videos):
 
 
 def score(probs, labels, scored):
-    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True; probs may be
-    any class scores (softmax, k-NN votes)."""
+    """top-1, top-5 and mean class accuracy of the videos where `scored` (num_videos,) is True;
+    probs may be any class scores (softmax, k-NN votes)."""
     pred = probs.argmax(1)
     top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
     correct = (pred == labels)[scored]
@@ -67,11 +68,13 @@ def score(probs, labels, scored):
             "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
-# ----------------------------------------------------------------------------- a classifier: multi-view testing
+# ----------------------------------------------------------------------------- a classifier:
+# multi-view testing
 
 def predict_and_score(net, dataset, args, ctx, want_probs=False):
-    """Every view of every video through the model, softmax averaged per video, across all processes. A video
-    that cannot be read is not scored (its item holds another video's views): counted as unreadable, named."""
+    """Every view of every video through the model, softmax averaged per video, across all
+    processes. A video that cannot be read is not scored (its item holds another video's views):
+    counted as unreadable, named."""
     net.eval()
     probs, seen, unreadable = per_video(lambda clips: net(clips).float().softmax(-1), dataset, args, ctx)
     net.train()
@@ -86,7 +89,8 @@ def predict_and_score(net, dataset, args, ctx, want_probs=False):
 
 
 def multi_view_test(net, dataset, args, ctx, run, classes):
-    """The test: scores printed and logged, confusion.png written (confusion-evalN.png by an evaluation)."""
+    """The test: scores printed and logged, confusion.png written (confusion-evalN.png by an
+    evaluation)."""
     scores, pred, labels = predict_and_score(net, dataset, args, ctx, want_probs=True)
     line = (f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
             f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}")
@@ -113,8 +117,8 @@ def class_name(names, label):
 
 
 def confusion_png(pred, labels, names, path, listed=30):
-    """The confusion matrix picture (plots.confusion): each cell the share of the true class's test videos;
-    the `listed` most-confused pairs beside it."""
+    """The confusion matrix picture (plots.confusion): each cell the share of the true class's test
+    videos; the `listed` most-confused pairs beside it."""
     K = len(names)
     counts = np.zeros((K, K), np.int64)
     np.add.at(counts, (labels.numpy(), pred.numpy()), 1)
@@ -124,12 +128,13 @@ def confusion_png(pred, labels, names, path, listed=30):
     write_png(path, plots.confusion(share, counts, names, pairs))
 
 
-# ----------------------------------------------------------------------------- frozen features: the k-NN probe
+# ----------------------------------------------------------------------------- frozen features:
+# the k-NN probe
 
 def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most similar
-    training videos vote for their class with weight exp(similarity / temperature). Returns votes
-    (num_test, num_classes)."""
+    """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most
+    similar training videos vote for their class with weight exp(similarity / temperature). Returns
+    votes (num_test, num_classes)."""
     similarity = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T  # (M, N)
     top, neighbour = similarity.topk(min(k, len(train_labels)), dim=1)  # (M, k)
     votes = torch.zeros(len(test_features), num_classes, dtype=similarity.dtype)
@@ -137,8 +142,8 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
 
 
 def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
-    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the training
-    videos to the test videos. `frames`: videos already decoded in memory ({path: frames},
+    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the
+    training videos to the test videos. `frames`: videos already decoded in memory ({path: frames},
     VideoDataset.frames), not decoded again. Returns {"top1", "top5", "k", "num_videos"}."""
     encoder.eval()
     features = []
@@ -158,16 +163,17 @@ def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None
     return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
 
 
-# ----------------------------------------------------------------------------- a pre-training model: reconstruction
+# ----------------------------------------------------------------------------- a pre-training
+# model: reconstruction
 
 def trivial_predictions(target, mask, grid):
-    """What the visible tokens give away without any learning, the yardsticks of the reconstruction loss: for
-    the hidden tokens of each clip, 'mean_visible' fills every one with the mean of the clip's visible pixels
-    (per channel); 'nearest_visible' copies the nearest visible token of the same time slice (grid distance,
-    ties to the first in token order; the nearest slice if a slice shows none). Random masking leaves a
-    visible neighbour in the next slice of almost every hidden token; tube masking does not (Sec. 3.3).
-    target (B, N, P*C) of every token in the loss's target space, mask (B, N) True = hidden. Returns both
-    as (B, N_hidden, P*C)."""
+    """What the visible tokens give away without any learning, the yardsticks of the reconstruction
+    loss: for the hidden tokens of each clip, 'mean_visible' fills every one with the mean of the
+    clip's visible pixels (per channel); 'nearest_visible' copies the nearest visible token of the
+    same time slice (grid distance, ties to the first in token order; the nearest slice if a slice
+    shows none). Random masking leaves a visible neighbour in the next slice of almost every hidden
+    token; tube masking does not (Sec. 3.3). target (B, N, P*C) of every token in the loss's target
+    space, mask (B, N) True = hidden. Returns both as (B, N_hidden, P*C)."""
     B, N, D = target.shape
     pixels = target.view(B, N, -1, 3)  # (B, N, P, C), channel fastest
     visible = ~mask
@@ -184,9 +190,10 @@ def trivial_predictions(target, mask, grid):
 
 
 def reconstruction_scores(net, samples, args, ctx, most=256):
-    """Mean squared error on held-out videos (one centre clip of each of at most `most`, fixed masks) of the
-    model and of the two trivial predictors on the same clips and masks: the model must beat both to have
-    learnt anything of videos. Returns recon_val, recon_val_mean_visible, recon_val_nearest_visible."""
+    """Mean squared error on held-out videos (one centre clip of each of at most `most`, fixed
+    masks) of the model and of the two trivial predictors on the same clips and masks: the model
+    must beat both to have learnt anything of videos. Returns recon_val, recon_val_mean_visible,
+    recon_val_nearest_visible."""
     dataset = data.VideoDataset(samples[::max(1, len(samples) // most)], "test", args.num_frames,
                                 args.sampling_rate, args.input_size, test_num_segment=1, test_num_crop=1)
     loader, _ = make_loader(dataset, args, ctx, train=False)
@@ -214,10 +221,11 @@ def reconstruction_scores(net, samples, args, ctx, most=256):
 
 
 def reconstruction_png(net, clip, args, ctx, path):
-    """Original frames / masked input / reconstruction of one clip, one row each, every second frame.
-    With norm_pix_loss the model predicts each hidden tubelet's pixels normalised by that tubelet's own mean
-    and std; to draw them we re-use the true tubelet's mean and std, as the reference code does: colours and
-    brightness of the hidden patches are then borrowed from the original; only the structure is the model's."""
+    """Original frames / masked input / reconstruction of one clip, one row each, every second
+    frame. With norm_pix_loss the model predicts each hidden tubelet's pixels normalised by that
+    tubelet's own mean and std; to draw them we re-use the true tubelet's mean and std, as the
+    reference code does: colours and brightness of the hidden patches are then borrowed from the
+    original; only the structure is the model's."""
     net.eval()
     enc = net.encoder
     video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)

@@ -1,4 +1,5 @@
-"""Fine-tune a VideoViT on labelled videos and test it with multi-view testing (Sec. 4 of the paper).
+"""Fine-tune a VideoViT on labelled videos and test it with multi-view testing (Sec. 4 of the
+paper).
 
     python finetune.py       # the demo: from the demo's pre-training if there is one
     torchrun --nproc_per_node=8 finetune.py --data_path UCF-101 --data_set UCF101 --model base \
@@ -7,9 +8,9 @@
     python finetune.py --knn --finetune model.pth                    # score the frozen encoder by k-NN
     python finetune.py --predict a.avi b.mp4 --finetune model.pth    # each video's top-5 classes, by name
 
-Each step augments the clips (RandAugment, random erasing in the data workers; mixup or CutMix here),
-classifies them from the mean of the encoder's tokens, and descends the cross-entropy with smoothed labels.
-Checkpoints, resuming and the log work as in pretrain.py.
+Each step augments the clips (RandAugment, random erasing in the data workers; mixup or CutMix
+here), classifies them from the mean of the encoder's tokens, and descends the cross-entropy with
+smoothed labels. Checkpoints, resuming and the log work as in pretrain.py.
 """
 import functools
 import json
@@ -29,8 +30,10 @@ import evaluate
 import model as models
 from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
 
-# The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/finetune.sh,
-# ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in pretrain.py.
+# The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data
+# set>/..._epoch_<E>/finetune.sh,
+# ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in
+# pretrain.py.
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
             warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
             drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5,
@@ -45,9 +48,12 @@ RECIPES = {
     "UCF101": UCF101,
     "HMDB51": UCF101,  # no script: the UCF101 script's values, the closest released recipe
 }
-# The demo: its classes name directions (no flips); its one object must stay in view (larger crops); light
-# regularisation and no layer-wise decay (with 6 blocks and few steps it kept the pre-trained start at 42% on
-# validation videos of another seed, 73% without; 91% and 90% from scratch): 6 classes learnt in minutes.
+# The demo: its classes name directions (no flips); its one object must stay in view (larger
+# crops); light
+# regularisation and no layer-wise decay (with 6 blocks and few steps it kept the pre-trained
+# start at 42% on
+# validation videos of another seed, 73% without; 91% and 90% from scratch): 6 classes learnt in
+# minutes.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=35,
             warmup_epochs=3, blr=1.6e-2, num_sample=2, save_ckpt_freq=10, layer_decay=1.0, drop_path=0.1,
             no_flip=True, in_memory=True, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, crop_scale=(0.4, 1.0))
@@ -113,7 +119,8 @@ def main(argv=None):
     if args.knn or args.eval:
         return score_only(net, train_samples, test_samples, classes, args, ctx)
 
-    # The videos, augmented per clip in the data workers (RandAugment, random erasing, flips, crops).
+    # The videos, augmented per clip in the data workers (RandAugment, random erasing, flips,
+    # crops).
     augment = functools.partial(augment_clip, aa=parse_aa(args.aa), reprob=args.reprob)
     train_set = data.VideoDataset(train_samples, "train", args.num_frames, args.sampling_rate, args.input_size,
                                   num_sample=args.num_sample, sampling=args.sampling, flip=not args.no_flip,
@@ -124,7 +131,8 @@ def main(argv=None):
     val_set.frames = test_set.frames  # the same videos: decoded once when held in memory
     loader, sampler = engine.make_loader(train_set, args, ctx, train=True)
 
-    # AdamW with layer-wise lr decay: blocks near the input, which pre-training taught most, move least.
+    # AdamW with layer-wise lr decay: blocks near the input, which pre-training taught most,
+    # move least.
     groups = engine.param_groups(net, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
     run = engine.Run(args, ctx, net, optimizer, train_set)  # the output folder; resumes from its newest checkpoint
@@ -180,9 +188,9 @@ def test_dataset(samples, args, segments, crops, in_memory=False):
 
 
 def build_classifier(args, weights, ctx, resuming=None):
-    """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input size, frames
-    and stride not given as flags come from the configuration of the checkpoint to resume, else of `weights`.
-    Returns (net, that configuration)."""
+    """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input
+    size, frames and stride not given as flags come from the configuration of the checkpoint to
+    resume, else of `weights`. Returns (net, that configuration)."""
     saved = checkpoint_config(resuming or weights) if resuming or weights else {}
     inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
     if inherited:
@@ -201,7 +209,8 @@ def build_classifier(args, weights, ctx, resuming=None):
 
 
 def score_only(net, train_samples, test_samples, classes, args, ctx):
-    """--knn (the frozen encoder by k-NN) or --eval (the multi-view test); lines appended to the folder's log."""
+    """--knn (the frozen encoder by k-NN) or --eval (the multi-view test); lines appended to the
+    folder's log."""
     run = engine.Run(args, ctx, net, None)
     if args.knn:
         scores = evaluate.knn_probe(net, train_samples, test_samples, args, ctx)
@@ -215,9 +224,9 @@ def score_only(net, train_samples, test_samples, classes, args, ctx):
 
 
 def predict(args, ctx):
-    """--predict: each video's top-5 classes by name, from its test_num_segment x test_num_crop views' averaged
-    softmax; printed, and written to predictions.jsonl. An unreadable video gets one line; the others still
-    run."""
+    """--predict: each video's top-5 classes by name, from its test_num_segment x test_num_crop
+    views' averaged softmax; printed, and written to predictions.jsonl. An unreadable video gets one
+    line; the others still run."""
     weights = args.finetune or args.resume
     head = canonical_weights(read_file(weights)).get("head.bias")
     if head is None:
@@ -249,11 +258,13 @@ def predict(args, ctx):
     ctx.print(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------- mixup / cutmix with soft targets
+# ----------------------------------------------------------------------------- mixup / cutmix
+# with soft targets
 
 def mix(video, labels, num_classes, args, gen):
-    """Mixup or CutMix over the batch (partner = the batch reversed), with label-smoothed soft targets.
-    CutMix cuts the same box out of every frame. Returns (video, targets (B, num_classes) summing to one)."""
+    """Mixup or CutMix over the batch (partner = the batch reversed), with label-smoothed soft
+    targets. CutMix cuts the same box out of every frame. Returns (video, targets (B, num_classes)
+    summing to one)."""
     off = args.smoothing / num_classes
     target = torch.full((len(labels), num_classes), off, device=video.device)
     target.scatter_(1, labels[:, None], 1.0 - args.smoothing + off)
@@ -288,11 +299,13 @@ def soft_cross_entropy(logits, target):
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-# ----------------------------------------------------------------------------- per-clip augmentation (data workers)
+# ----------------------------------------------------------------------------- per-clip
+# augmentation (data workers)
 
 _FILL = (128, 128, 128)  # border fill of the geometric ops: timm's default, as the reference passes no img_mean
 
-# timm's RandAugment ops in the reference's order (rand_augment.py, _RAND_INCREASING_TRANSFORMS with -inc1)
+# timm's RandAugment ops in the reference's order (rand_augment.py, _RAND_INCREASING_TRANSFORMS
+# with -inc1)
 RAND_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
             "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
 LOOKUP_OPS = ("autocontrast", "equalize", "invert", "solarize", "solarize_add", "posterize")
@@ -300,8 +313,8 @@ ENHANCE_OPS = ("color", "contrast", "brightness", "sharpness")
 
 
 def parse_aa(aa):
-    """timm's --aa syntax 'rand-m<M>-n<N>[-mstd<S>][-inc1]' -> (magnitude, num_ops, mstd, increasing);
-    None for "none"."""
+    """timm's --aa syntax 'rand-m<M>-n<N>[-mstd<S>][-inc1]' -> (magnitude, num_ops, mstd,
+    increasing); None for "none"."""
     if aa in (None, "none"):
         return None
     m = re.fullmatch(r"rand-m([\d.]+)-n(\d+)(?:-mstd([\d.]+))?(-inc1)?", aa)
@@ -312,8 +325,9 @@ def parse_aa(aa):
 
 
 def augment_clip(view, rng, aa, reprob):
-    """The reference's per-clip fine-tuning augmentation, in its order: RandAugment (aa from parse_aa), then
-    random erasing with probability reprob. In place, on a uint8 (T, H, W, 3) crop (VideoDataset's augment)."""
+    """The reference's per-clip fine-tuning augmentation, in its order: RandAugment (aa from
+    parse_aa), then random erasing with probability reprob. In place, on a uint8 (T, H, W, 3) crop
+    (VideoDataset's augment)."""
     if aa:
         view[:] = rand_augment(view, rng, *aa)
     if rng.random() < reprob:
@@ -321,9 +335,9 @@ def augment_clip(view, rng, aa, reprob):
 
 
 def rand_augment(clip, rng, magnitude=7.0, num_ops=4, mstd=0.5, inc=True):
-    """timm's RandAugment as the reference sets it up: num_ops ops drawn uniformly from RAND_OPS, each applied
-    with p 0.5 at a magnitude ~ N(magnitude, mstd) clipped to [0, 10]; the same op and magnitude on every
-    frame of a uint8 (T, H, W, 3) RGB clip."""
+    """timm's RandAugment as the reference sets it up: num_ops ops drawn uniformly from RAND_OPS,
+    each applied with p 0.5 at a magnitude ~ N(magnitude, mstd) clipped to [0, 10]; the same op and
+    magnitude on every frame of a uint8 (T, H, W, 3) RGB clip."""
     for op in rng.choice(RAND_OPS, num_ops):
         if rng.random() < 0.5:
             mag = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) / 10
@@ -333,10 +347,10 @@ def rand_augment(clip, rng, magnitude=7.0, num_ops=4, mstd=0.5, inc=True):
 
 
 def augment_op(clip, op, mag, sign=1, inc=True):
-    """One op of RAND_OPS at magnitude mag in [0, 1] (timm's level / 10) on a uint8 (T, H, W, 3) RGB clip,
-    with PIL's formulas; histogram ops use the whole clip's statistics. sign negates rotate, shear, translate
-    and the -inc1 enhance ops; inc: the -inc1 variants (solarize, posterize, enhance ops stronger as mag
-    grows)."""
+    """One op of RAND_OPS at magnitude mag in [0, 1] (timm's level / 10) on a uint8 (T, H, W, 3) RGB
+    clip, with PIL's formulas; histogram ops use the whole clip's statistics. sign negates rotate,
+    shear, translate and the -inc1 enhance ops; inc: the -inc1 variants (solarize, posterize,
+    enhance ops stronger as mag grows)."""
     T, H, W, _ = clip.shape
     img = clip.reshape(T * H, W, 3)  # frames stacked vertically: per-pixel ops in one OpenCV call
     if op in LOOKUP_OPS:
@@ -361,7 +375,8 @@ def augment_op(clip, op, mag, sign=1, inc=True):
 
 
 def _lookup_table(img, op, mag, inc):
-    """The value map (256, 1) or (256, 3) of a per-pixel op, from the clip's statistics where it needs them."""
+    """The value map (256, 1) or (256, 3) of a per-pixel op, from the clip's statistics where it
+    needs them."""
     v = np.arange(256)[:, None]
     if op == "autocontrast":
         lo, hi = img.min((0, 1)).astype(float), img.max((0, 1)).astype(float)
@@ -384,8 +399,8 @@ def _lookup_table(img, op, mag, inc):
 
 
 def _degenerate(img, op, T):
-    """PIL ImageEnhance's other image: grey (color), mean grey (contrast), black (brightness), smoothed
-    (sharpness, PIL's SMOOTH filter frame by frame)."""
+    """PIL ImageEnhance's other image: grey (color), mean grey (contrast), black (brightness),
+    smoothed (sharpness, PIL's SMOOTH filter frame by frame)."""
     gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     if op == "color":
         return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
@@ -398,9 +413,10 @@ def _degenerate(img, op, T):
 
 
 def random_erase(clip, rng):
-    """The reference's RandomErasing (timm's, mode "pixel", area 2%-1/3, aspect 0.3-3.3, up to 100 draws for a
-    box smaller than the frame) with cube=True: one box for every frame, filled with per-pixel noise N(0, 1)
-    in normalised space, here ImageNet mean + std * z quantised to uint8. In place."""
+    """The reference's RandomErasing (timm's, mode "pixel", area 2%-1/3, aspect 0.3-3.3, up to 100
+    draws for a box smaller than the frame) with cube=True: one box for every frame, filled with
+    per-pixel noise N(0, 1) in normalised space, here ImageNet mean + std * z quantised to uint8. In
+    place."""
     T, H, W, _ = clip.shape
     box = data.resized_crop_box(H, W, rng, (0.02, 1 / 3), (0.3, 1 / 0.3), tries=100, largest=(H - 1, W - 1))
     if box:

@@ -1,23 +1,24 @@
 """Which tokens the encoder sees, and which ones the decoder rebuilds.
 
 Every mask here is a bool tensor of shape (B, t*h*w) in the order of the cube embedding's tokens
-(t-major, then h, then w); True means hidden (from the encoder) or, for the decoder mask, not rebuilt.
-All functions are vectorised over the batch and reproducible with an optional torch.Generator.
-Run `python mask.py` to see one of each.
+(t-major, then h, then w); True means hidden (from the encoder) or, for the decoder mask, not
+rebuilt. All functions are vectorised over the batch and reproducible with an optional
+torch.Generator. Run `python mask.py` to see one of each.
 """
 import torch
 
 
 def _hide_lowest(noise, num_hidden):
-    """Hide the `num_hidden` entries of smallest noise in each row: an exact count, uniformly at random."""
+    """Hide the `num_hidden` entries of smallest noise in each row: an exact count, uniformly at
+    random."""
     rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each entry within its row
     return rank < num_hidden
 
 
 def tube_mask(batch_size, grid, ratio, generator=None, device=None):
-    """Sec. 3.3 of the paper: tube masking. The same int(ratio*h*w) spatial positions are hidden in every
-    temporal slice, so a hidden patch cannot be copied from its neighbour in time (ratio 0.9: 160 of 1568
-    tokens stay visible for a 16x224x224 clip)."""
+    """Sec. 3.3 of the paper: tube masking. The same int(ratio*h*w) spatial positions are hidden in
+    every temporal slice, so a hidden patch cannot be copied from its neighbour in time (ratio 0.9:
+    160 of 1568 tokens stay visible for a 16x224x224 clip)."""
     t, h, w = grid
     noise = torch.rand(batch_size, h * w, generator=generator, device=device)
     hidden = _hide_lowest(noise, int(ratio * h * w))  # (B, h*w)
@@ -25,7 +26,8 @@ def tube_mask(batch_size, grid, ratio, generator=None, device=None):
 
 
 def random_mask(batch_size, grid, ratio, generator=None, device=None):
-    """Per-token random masking (the paper's ablation, Table 1c): int(ratio*t*h*w) tokens hidden per clip."""
+    """Per-token random masking (the paper's ablation, Table 1c): int(ratio*t*h*w) tokens hidden per
+    clip."""
     t, h, w = grid
     noise = torch.rand(batch_size, t * h * w, generator=generator, device=device)
     return _hide_lowest(noise, int(ratio * t * h * w))
@@ -34,10 +36,11 @@ def random_mask(batch_size, grid, ratio, generator=None, device=None):
 def running_cell_mask(batch_size, grid, ratio=0.5, generator=None, device=None):
     """VideoMAE V2's decoder mask ("running cell"): True = the decoder does not rebuild this token.
 
-    A 2x2 cell holds int(4*ratio) ones then zeros, read in row-major order; at temporal index i the cell
-    is rolled by i+1 steps from a start chosen per clip, and tiled over the h x w grid. Each token is thus
-    rebuilt in (1-ratio) of the slices, and every slice rebuilds a different, evenly spread subset.
-    """
+    A 2x2 cell holds int(4*ratio) ones then zeros, read in row-major order; at temporal index i the
+    cell is rolled by i+1 steps from a start chosen per clip, and tiled over the h x w grid. Each
+    token is thus rebuilt in (1-ratio) of the slices, and every slice rebuilds a different, evenly
+    spread subset.
+"""
     t, h, w = grid
     if h % 2 or w % 2:
         raise ValueError(f"running cell mask needs an even token grid, got {h}x{w}")

@@ -1,6 +1,6 @@
-"""Pictures drawn with OpenCV (the run-time packages have no plotting library). Each function takes numbers
-and returns images (BGR uint8; the demo's frames RGB); the caller writes them. Nothing of the project is
-imported here.
+"""Pictures drawn with OpenCV (the run-time packages have no plotting library). Each function takes
+numbers and returns images (BGR uint8; the demo's frames RGB); the caller writes them. Nothing of
+the project is imported here.
 
 line_chart  one figure of log.jsonl against the epoch (curves.png holds one panel per figure)
 confusion   a confusion matrix with named classes, the share in each cell and the most-confused pairs
@@ -23,7 +23,8 @@ def text_width(text, scale):
 
 
 def put(img, text, x, y, scale=0.4, color=(0, 0, 0), align=0.0):
-    """OpenCV text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x (1)."""
+    """OpenCV text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x
+    (1)."""
     x = x - align * text_width(text, scale)
     cv2.putText(img, text, (int(x), int(y)), FONT, scale, color, 1, cv2.LINE_AA)
 
@@ -39,8 +40,8 @@ def nice_ticks(lo, hi, most=6):
 
 
 def line_chart(points, title, percent=False, W=360, H=250, left=62, right=18, top=34, bottom=40):
-    """A line chart of (epoch, value) points: the title and the last value above, values up the y axis,
-    epochs along x. Percentages run from 0 to 100%."""
+    """A line chart of (epoch, value) points: the title and the last value above, values up the y
+    axis, epochs along x. Percentages run from 0 to 100%."""
     img = np.full((H, W, 3), 255, np.uint8)
     x, y = np.array(points, dtype=float).T
     if percent:
@@ -76,8 +77,8 @@ def _cell_colour(share):
 
 
 def _name_strip(names, cell, width, font, align):
-    """The class names one per cell-high row, cut to the width, ending at its right edge (align 1) or
-    starting at its left edge (align 0)."""
+    """The class names one per cell-high row, cut to the width, ending at its right edge (align 1)
+    or starting at its left edge (align 0)."""
     strip = np.full((len(names) * cell, width, 3), 255, np.uint8)
     for i, name in enumerate(names):
         while len(name) > 1 and text_width(name, font) > width - 6:
@@ -88,10 +89,10 @@ def _name_strip(names, cell, width, font, align):
 
 
 def confusion(share, counts, names, pairs):
-    """A confusion matrix that reads alone: true class down, predicted across, both named; each cell the
-    share of the true class's videos in percent (blank: none); beside it the most-confused `pairs`
-    [(true, predicted)], by name. share and counts are (K, K) arrays. Cells shrink with the class count,
-    to 18 pixels for UCF101's 101 classes."""
+    """A confusion matrix that reads alone: true class down, predicted across, both named; each cell
+    the share of the true class's videos in percent (blank: none); beside it the most-confused
+    `pairs` [(true, predicted)], by name. share and counts are (K, K) arrays. Cells shrink with the
+    class count, to 18 pixels for UCF101's 101 classes."""
     K = len(names)
     cell = int(np.clip(1100 // K, 18, 64))
     font = min(0.5, cell / 60)
@@ -132,8 +133,9 @@ def confusion(share, counts, names, pairs):
 
 
 def film_strip(rows, caption, width=512):
-    """rows: RGB float arrays (T, H, W, 3) in [0, 1] of equal shape, drawn one above the other, the frames of a
-    row side by side, enlarged to about `width` pixels with sharp pixels, the caption below. Returns BGR."""
+    """rows: RGB float arrays (T, H, W, 3) in [0, 1] of equal shape, drawn one above the other, the
+    frames of a row side by side, enlarged to about `width` pixels with sharp pixels, the caption
+    below. Returns BGR."""
     img = np.concatenate([np.concatenate(list(frames), axis=1) for frames in rows], axis=0)  # (rows*H, T*W, 3)
     img = (img[..., ::-1] * 255).round().astype(np.uint8)
     zoom = max(1, width // img.shape[1])  # small clips drawn larger
@@ -146,11 +148,12 @@ def film_strip(rows, caption, width=512):
 
 
 def demo_frames(cls, rng, num_frames, W=96, H=72):
-    """The frames (RGB uint8 (H, W, 3)) of one demo video: a bright polygon on a darker plain ground that moves
-    right or left, grows or shrinks, brightens or darkens, by class. Colours, shape, size, place and speed are
-    drawn from rng, so no single frame tells the class; every class changes a 2-frame tubelet with the same
-    sign in every video (the object is always brighter than the ground), which a small ViT learns in minutes
-    on a CPU. The object is large and plain, so that rebuilding it dominates the reconstruction loss."""
+    """The frames (RGB uint8 (H, W, 3)) of one demo video: a bright polygon on a darker plain ground
+    that moves right or left, grows or shrinks, brightens or darkens, by class. Colours, shape,
+    size, place and speed are drawn from rng, so no single frame tells the class; every class
+    changes a 2-frame tubelet with the same sign in every video (the object is always brighter than
+    the ground), which a small ViT learns in minutes on a CPU. The object is large and plain, so
+    that rebuilding it dominates the reconstruction loss."""
     ground, colour = rng.uniform(20, 90, 3), rng.uniform(150, 250, 3)
     k = rng.integers(4, 9)
     angles = 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, k)) / k + rng.uniform(0, 2 * np.pi)

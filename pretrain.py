@@ -1,12 +1,14 @@
-"""Self-supervised VideoMAE pre-training (Sec. 3 of the paper), on one CPU or under torchrun on many GPUs.
+"""Self-supervised VideoMAE pre-training (Sec. 3 of the paper), on one CPU or under torchrun on many
+GPUs.
 
     python pretrain.py          # the demo: a small model on built-in synthetic videos, on a CPU
     torchrun --nproc_per_node=8 pretrain.py --data_path UCF-101 --data_set UCF101 --model base
 
-Each step hides most of each clip's tubelets (tube masking), has the encoder look at the rest, has the decoder
-rebuild the hidden pixels, and descends their mean squared error. Everything lands in --output_dir: log.jsonl,
-checkpoint-latest.pth, and every --save_ckpt_freq epochs checkpoint-NNNN.pth with the held-out figures and a
-reconstruction picture recon-NNNN.png. Running the same command again resumes from the newest checkpoint.
+Each step hides most of each clip's tubelets (tube masking), has the encoder look at the rest, has
+the decoder rebuild the hidden pixels, and descends their mean squared error. Everything lands in
+--output_dir: log.jsonl, checkpoint-latest.pth, and every --save_ckpt_freq epochs
+checkpoint-NNNN.pth with the held-out figures and a reconstruction picture recon-NNNN.png. Running
+the same command again resumes from the newest checkpoint.
 """
 import functools
 
@@ -18,9 +20,12 @@ import evaluate
 import mask as masks
 import model as models
 
-# The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/..._epoch_<E>/pretrain.sh,
-# ViT-B), chosen by --recipe (default: the --data_set's own, else K400's) when --data_path is given; the demo's
-# otherwise. Epochs as in the scripts, one more than the name says; blr and min_blr are the scripts' --lr, --min_lr.
+# The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data
+# set>/..._epoch_<E>/pretrain.sh,
+# ViT-B), chosen by --recipe (default: the --data_set's own, else K400's) when --data_path is
+# given; the demo's
+# otherwise. Epochs as in the scripts, one more than the name says; blr and min_blr are the
+# scripts' --lr, --min_lr.
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
             warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20,
             no_norm_pix_loss=False, in_memory=False)  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs
@@ -32,8 +37,10 @@ RECIPES = {
     "UCF101": UCF101,
     "HMDB51": {**UCF101, "epochs": 4800},  # no script: the paper's epochs, UCF101's values otherwise
 }
-# The demo: a 6-block model on 64-pixel clips held in memory, 150 epochs of its 300 training videos in about
-# 10 minutes on 2 CPU cores. Plain pixels: the picture then shows what the model itself rebuilds, colours included.
+# The demo: a 6-block model on 64-pixel clips held in memory, 150 epochs of its 300 training
+# videos in about
+# 10 minutes on 2 CPU cores. Plain pixels: the picture then shows what the model itself rebuilds,
+# colours included.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=150,
             warmup_epochs=10, blr=2.4e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=25,
             no_norm_pix_loss=True, in_memory=True)
@@ -72,7 +79,8 @@ def main(argv=None):
     args = parse_args(argv)
     ctx = engine.setup(args)  # this process (torchrun's rank, device), the lr for this batch size, the seed
 
-    # The videos: the training split (no labels needed), and held-out ones for the figures at each checkpoint.
+    # The videos: the training split (no labels needed), and held-out ones for the figures at
+    # each checkpoint.
     samples = data.load_samples(args.data_path, args.data_set, args.split, train=True)[0]
     samples = data.training_subset(samples, args.per_class)
     dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate, args.input_size,
@@ -80,7 +88,8 @@ def main(argv=None):
     loader, sampler = engine.make_loader(dataset, args, ctx, train=True)
     held_out = held_out_samples(samples, args)
 
-    # The model (Fig. 1): an encoder over the visible tubelets, a narrow decoder that rebuilds the hidden ones.
+    # The model (Fig. 1): an encoder over the visible tubelets, a narrow decoder that rebuilds
+    # the hidden ones.
     net = models.build_model("pretrain", args.model, img_size=args.input_size, num_frames=args.num_frames,
                              norm_pix_loss=not args.no_norm_pix_loss).to(ctx.device)
     net.encoder.grad_checkpointing = args.grad_ckpt
@@ -102,7 +111,8 @@ def main(argv=None):
         for step, batches in meter.steps():
             lr = run.set_lr(engine.lr_at(epoch + step / meter.num_steps, args))  # warmup, then cosine
             for video, _, last in batches:  # video (B, 3, T, H, W), ImageNet-normalised; no labels needed
-                # Sec. 3.3: tube masking hides the same spatial positions in every frame (ratio 0.75-0.9)
+                # Sec. 3.3: tube masking hides the same spatial positions in every
+                # frame (ratio 0.75-0.9)
                 mask = make_mask(len(video), grid, args.mask_ratio, generator=generator, device=ctx.device)
                 decode_mask = None  # VideoMAE V2: the decoder may rebuild a running-cell subset only
                 if args.decoder_mask_type == "run_cell":
@@ -126,7 +136,8 @@ def main(argv=None):
 
 
 def held_out_samples(train_samples, args):
-    """The test split's videos that pre-training does not see (none for one list or an unlabelled folder)."""
+    """The test split's videos that pre-training does not see (none for one list or an unlabelled
+    folder)."""
     seen = {path for path, _ in train_samples}
     test = data.load_samples(args.data_path, args.data_set, args.split, train=False)[0]
     return [(path, label) for path, label in test if path not in seen]

@@ -1,5 +1,5 @@
-"""Weights and checkpoints in and out: the checkpoints people already have, a run's own folder, and the
-export to HuggingFace's layout.
+"""Weights and checkpoints in and out: the checkpoints people already have, a run's own folder, and
+the export to HuggingFace's layout.
 
 load_checkpoint     weights of this project, of the reference code (pre-training or fine-tuned) or of
                     HuggingFace, into a VideoMAE or a VideoViT, with a shape check per tensor.
@@ -35,7 +35,8 @@ def write_png(path, img):
     atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
 
 
-# ----------------------------------------------------------------------------- names: HuggingFace <-> reference
+# ----------------------------------------------------------------------------- names: HuggingFace
+# <-> reference
 
 # The start of a HuggingFace key <-> the same tensor's key in the reference's pre-training layout.
 _HF_TOP = [
@@ -63,7 +64,8 @@ _DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def _rename(key, to_hf):
-    """One key from HuggingFace's names to the reference's, or back (to_hf), by the two tables above."""
+    """One key from HuggingFace's names to the reference's, or back (to_hf), by the two tables
+    above."""
     src, dst = (1, 0) if to_hf else (0, 1)
     for pair in _HF_TOP:
         if key.startswith(pair[src]):
@@ -79,9 +81,9 @@ def _rename(key, to_hf):
 
 
 def _convert(sd, to_hf):
-    """HuggingFace VideoMAE names -> the reference's, or back (to_hf). The reference's one qkv matrix is
-    HuggingFace's query, key and value matrices stacked in rows. Biases are written as the files on the
-    hub spell them (q_bias, v_bias), which transformers 4 and 5 both read."""
+    """HuggingFace VideoMAE names -> the reference's, or back (to_hf). The reference's one qkv
+    matrix is HuggingFace's query, key and value matrices stacked in rows. Biases are written as the
+    files on the hub spell them (q_bias, v_bias), which transformers 4 and 5 both read."""
     if not to_hf:  # a VideoMAEModel's keys lack the 'videomae.' prefix
         bare = ("embeddings.", "encoder.layer.", "layernorm.")
         sd = {("videomae." + k if k.startswith(bare) else k): v for k, v in sd.items()}
@@ -102,9 +104,11 @@ def _convert(sd, to_hf):
 # ----------------------------------------------------------------------------- reading
 
 def canonical_weights(ckpt):
-    """The weights of a checkpoint in any known format, named as in the reference's pre-training checkpoint
-    (encoder weights under 'encoder.'). Fixed positions are dropped: they are rebuilt, never loaded."""
-    # weights under 'model' (this project, reference pre-training), 'module' (reference fine-tuning), 'state_dict'
+    """The weights of a checkpoint in any known format, named as in the reference's pre-training
+    checkpoint (encoder weights under 'encoder.'). Fixed positions are dropped: they are rebuilt,
+    never loaded."""
+    # weights under 'model' (this project, reference pre-training), 'module' (reference
+    # fine-tuning), 'state_dict'
     sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
     if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
@@ -115,8 +119,9 @@ def canonical_weights(ckpt):
 
 
 def read_file(path):
-    """A checkpoint file as saved, tensors memory-mapped; never runs code (weights_only). The reference code
-    stores its flags as an argparse.Namespace, which is allowed; .safetensors files need that package."""
+    """A checkpoint file as saved, tensors memory-mapped; never runs code (weights_only). The
+    reference code stores its flags as an argparse.Namespace, which is allowed; .safetensors files
+    need that package."""
     if str(path).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -133,12 +138,12 @@ def read_file(path):
 def load_checkpoint(model, path_or_state_dict, verbose=True):
     """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
 
-    Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder. names) and
-    fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights (pytorch_model.bin,
-    model.safetensors). A pre-training checkpoint fills a VideoViT's encoder (its decoder is ignored, fc_norm
-    and head start fresh); a head of another class count is dropped. Any other shape mismatch is an error
-    naming the tensor.
-    """
+    Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder.
+    names) and fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights
+    (pytorch_model.bin, model.safetensors). A pre-training checkpoint fills a VideoViT's encoder
+    (its decoder is ignored, fc_norm and head start fresh); a head of another class count is
+    dropped. Any other shape mismatch is an error naming the tensor.
+"""
     from_file = not isinstance(path_or_state_dict, dict)
     ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
@@ -178,16 +183,18 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     return missing, unexpected
 
 
-# ----------------------------------------------------------------------------- a training run's folder
+# ----------------------------------------------------------------------------- a training run's
+# folder
 
 CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
           "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
 
 
 class RunFolder:
-    """A training run's output folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth and curves.png.
-    An epoch is logged before its checkpoint is written: whenever a run is killed, the log holds every epoch
-    of the newest checkpoint, and a resume drops the lines past it. Only the main process writes."""
+    """A training run's output folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth and
+    curves.png. An epoch is logged before its checkpoint is written: whenever a run is killed, the
+    log holds every epoch of the newest checkpoint, and a resume drops the lines past it. Only the
+    main process writes."""
 
     def __init__(self, output_dir, main=True):
         self.dir, self.main = output_dir, main
@@ -200,9 +207,19 @@ class RunFolder:
             return resume
         return self.latest if os.path.exists(self.latest) else None
 
+    def restore(self, path, net, optimizer, scaler):
+        """Load a training checkpoint into the model, optimizer and loss scaler; returns the epoch
+        to start at."""
+        ckpt = read_file(path)
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        return ckpt["epoch"] + 1
+
     def start(self, config, start_epoch=None):
-        """A training run begins here, fresh (start_epoch None) or resumed: half-written files of a killed run
-        go, and so do the log's lines of epochs past the checkpoint (they are run, and logged, again)."""
+        """A training run begins here, fresh (start_epoch None) or resumed: half-written files of a
+        killed run go, and so do the log's lines of epochs past the checkpoint (they are run, and
+        logged, again)."""
         if not self.main:
             return
         os.makedirs(self.dir, exist_ok=True)
@@ -245,14 +262,16 @@ class RunFolder:
 
 
 def _logged_epoch(line):
-    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is dropped."""
+    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is
+    dropped."""
     try:
         return json.loads(line).get("epoch", -1)
     except json.JSONDecodeError:
         return math.inf
 
 
-# ----------------------------------------------------------------------------- writing: the HuggingFace layout
+# ----------------------------------------------------------------------------- writing: the
+# HuggingFace layout
 
 # A preset's sizes -> the names of HuggingFace's config.json.
 _HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -278,9 +297,9 @@ def checkpoint_config(path):
 
 def export_huggingface(path, out_dir):
     """Write a checkpoint (any format load_checkpoint reads) to out_dir as transformers'
-    VideoMAEForPreTraining or, with a head, VideoMAEForVideoClassification saves itself: config.json, and
-    model.safetensors (pytorch_model.bin without the safetensors package). The inverse of load_checkpoint.
-    Returns the paths written."""
+    VideoMAEForPreTraining or, with a head, VideoMAEForVideoClassification saves itself:
+    config.json, and model.safetensors (pytorch_model.bin without the safetensors package). The
+    inverse of load_checkpoint. Returns the paths written."""
     config = checkpoint_config(path)
     sd = canonical_weights(read_file(path))
     width = sd["encoder.patch_embed.proj.weight"].shape[0]
