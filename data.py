@@ -26,14 +26,12 @@ VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
 SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
 
 # Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each
-# FFmpeg decoder
-# run one thread: pools on 224-pixel crops cost more in synchronisation than they save, and
-# oversubscribe.
+# FFmpeg decoder run one thread: pools on 224-pixel crops cost more in synchronisation than they
+# save, and oversubscribe.
 cv2.setNumThreads(1)
 # A broken file is reported once, by name, by the code that reads it; FFmpeg's and OpenCV's own
-# lines about it
-# ("moov atom not found", "can't be used to capture by name") would repeat it in every worker and
-# epoch.
+# lines about it ("moov atom not found", "can't be used to capture by name") would repeat it in
+# every worker and epoch.
 os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET; read when OpenCV first opens a file
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -46,8 +44,7 @@ def normalize(clips):
     return x.sub_(mean).div_(std)
 
 
-# ----------------------------------------------------------------------------- which frames:
-# sampling
+# --------------------------------------------------------------------------- which frames: sampling
 
 def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
     """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test
@@ -78,8 +75,7 @@ def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=No
     return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
 
 
-# ----------------------------------------------------------------------------- where in the
-# frame: crops
+# ------------------------------------------------------------------------ where in the frame: crops
 
 def multiscale_crop_box(H, W, size, rng):
     """Pre-training's GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the
@@ -133,7 +129,7 @@ def _render(frames, indices, box, size, flip, out, area=False):
     return out
 
 
-# ----------------------------------------------------------------------------- the dataset
+# -------------------------------------------------------------------------------------- the dataset
 
 class VideoDataset(torch.utils.data.Dataset):
     """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample
@@ -209,7 +205,7 @@ class VideoDataset(torch.utils.data.Dataset):
         return out
 
 
-# ----------------------------------------------------------------------------- data sets on disk
+# -------------------------------------------------------------------------------- data sets on disk
 
 def load_samples(data_path, data_set=None, split=1, train=True):
     """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' or
@@ -296,7 +292,7 @@ def _list_file(lst):
     return entries, [min(parents[c]) if len(parents.get(c, ())) == 1 else str(c) for c in names]
 
 
-# ----------------------------------------------------------------------------- the demo set
+# ------------------------------------------------------------------------------------- the demo set
 
 DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
 
@@ -354,8 +350,7 @@ def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_
     return root
 
 
-# ----------------------------------------------------------------------------- reading frames,
-# broken files too
+# ----------------------------------------------------------------- reading frames, broken files too
 
 SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
 _SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on

@@ -1,6 +1,6 @@
 """What pretrain.py and finetune.py share, none of it VideoMAE itself: arguments and recipes,
-processes under torchrun, loaders, the lr schedule, the bookkeeping of an epoch, checkpoints,
-resuming and the log."""
+processes under torchrun, loaders, the lr schedule, the bookkeeping of an epoch, and the run (its
+folder, weights.RunFolder, and the optimizer's side of a step)."""
 import argparse
 import contextlib
 import math
@@ -18,12 +18,10 @@ import data
 import model as models
 from weights import RunFolder
 
+# ---------------------------------------------------------------------------------------- arguments
 
-# ----------------------------------------------------------------------------- arguments
-
-# Flags whose default comes from the recipe (None until finish_args): (names, type, help); the
-# second name
-# is the reference's spelling.
+# Flags whose default comes from the recipe (None until finish_args): (names, type, help); a second
+# name is the reference's spelling.
 RECIPE_FLAGS = [
     (["--batch_size"], int, "videos per process and step"),
     (["--epochs"], int, ""),
@@ -33,9 +31,11 @@ RECIPE_FLAGS = [
     (["--warmup_epochs"], float, ""),
     (["--blr", "--lr"], float, "base lr: lr = blr x videos per optimizer step / 256"),
     (["--min_blr", "--min_lr"], float, "base lr at the end of the cosine, scaled as blr"),
-    (["--num_sample"], int, "crops of each decoded clip (repeated sampling; not counted by the lr)"),
+    (["--num_sample"], int, "crops of each decoded clip (repeated sampling; not in the lr rule)"),
     (["--save_ckpt_freq"], int, "epochs between numbered checkpoints"),
 ]
+AT_LEAST_ONE = ("batch_size", "epochs", "sampling_rate", "num_sample", "accum_iter",
+                "save_ckpt_freq", "per_class")
 
 
 def common_parser(doc, recipes, demo):
@@ -44,10 +44,13 @@ def common_parser(doc, recipes, demo):
     arg = p.add_argument
     arg("--model", choices=list(models.PRESETS),
         help=f"model size (default {recipes['K400']['model']}; demo {demo['model']})")
-    arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos (default: the demo)")
-    arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"], help="format of --data_path (guessed if absent)")
-    arg("--recipe", choices=list(recipes), help="the reference's values for this data set, for every flag not given "
-                                                "(default: the --data_set's own, else K400's; README: the recipes)")
+    arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos "
+                            "(default: the demo set)")
+    arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"],
+        help="format of --data_path (guessed if absent)")
+    arg("--recipe", choices=list(recipes),
+        help="the reference's values for this data set, for every flag not given (default: the "
+             "--data_set's own, else K400's; README: the recipes)")
     arg("--split", type=int, default=1, choices=[1, 2, 3], help="official UCF101/HMDB51 split")
     arg("--output_dir", help="where logs and checkpoints go (default runs/<script>-<data>)")
     for names, kind, hint in RECIPE_FLAGS:
@@ -57,25 +60,28 @@ def common_parser(doc, recipes, demo):
     arg("--accum_iter", "--update_freq", dest="accum_iter", type=int, default=1,
         help="steps of gradient accumulation per optimizer step")
     arg("--in_memory", action="store_true", default=None,
-        help="decode each training video once and keep its frames in memory, for small sets (default: demo only)")
-    arg("--per_class", type=int, help="train on the first N videos of each class only (data-efficiency studies)")
+        help="decode each training video once and keep its frames in memory, for small sets "
+             "(default: on the demo only)")
+    arg("--per_class", type=int, help="train on the first N videos of each class only")
     arg("--weight_decay", type=float, default=0.05)
     arg("--clip_grad", type=float, help="clip the gradient norm to this value")
-    arg("--num_workers", type=int, help="data loading processes per GPU (default: up to 8; none with --in_memory)")
+    arg("--num_workers", type=int,
+        help="data loading processes per GPU (default: up to 8; none with --in_memory)")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+    arg("--dtype", choices=["bf16", "fp16", "fp32"],
+        help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
     arg("--compile", action="store_true", help="torch.compile the model")
-    arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory for large models")
+    arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory, more time")
     arg("--seed", type=int, default=0)
     return p
 
 
 def finish_args(parser, argv, recipes, demo):
-    """Parse; every flag not given from the recipe (without --data_path the demo's values over
-    K400's)."""
+    """Parse; every flag not given from the recipe (without --data_path, the demo's values over
+    K400's); refuse bad values with one line."""
     args = parser.parse_args(argv)
-    args.demo = args.data_path is None and not getattr(args, "predict", None)  # --predict reads no data set
+    args.demo = args.data_path is None and not getattr(args, "predict", None)  # --predict: no data
     if args.demo:
         args.data_path = str(data.make_demo_dataset("data/demo"))
         args.data_set = "list"
@@ -85,20 +91,25 @@ def finish_args(parser, argv, recipes, demo):
         args.data_set = data.guess_data_set(args.data_path)
     args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
     recipe = {**recipes[args.recipe], **demo} if args.demo else recipes[args.recipe]
-    args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # flags not given
+    args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # not given
     for key in args.recipe_defaults:
         setattr(args, key, recipe[key])
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    run = "predict" if getattr(args, "predict", None) else "demo" if args.demo else args.data_set or "data"
+    if getattr(args, "predict", None):
+        run = "predict"
+    else:
+        run = "demo" if args.demo else args.data_set or "data"
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    if args.num_workers is None:  # clips cut from frames held in memory cost less than starting processes
+    if args.num_workers is None:  # clips cut from frames in memory need no worker processes
         args.num_workers = 0 if args.in_memory else min(8, os.cpu_count() or 1)
     if args.num_frames % models.TUBELET_SIZE:
-        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size {models.TUBELET_SIZE}")
+        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size "
+                     f"{models.TUBELET_SIZE}")
     if args.input_size % models.PATCH_SIZE:
-        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size {models.PATCH_SIZE}")
-    for name in ("batch_size", "epochs", "sampling_rate", "num_sample", "accum_iter", "save_ckpt_freq", "per_class"):
+        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size "
+                     f"{models.PATCH_SIZE}")
+    for name in AT_LEAST_ONE:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -106,24 +117,24 @@ def finish_args(parser, argv, recipes, demo):
     return args
 
 
-# ----------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------------------------- processes
 
 class Context:
-    """Where this process runs (torchrun's RANK, WORLD_SIZE, LOCAL_RANK): rank, world, device; rank
-    0 prints."""
+    """Where this process runs, from torchrun's RANK, WORLD_SIZE and LOCAL_RANK: rank, world size,
+    device. Only rank 0 prints."""
 
     def __init__(self, args):
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.main = self.rank == 0
         self.device = torch.device(args.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if self.world > 1:  # started by torchrun: nccl between GPUs, gloo between CPU processes
+        if self.world > 1:  # nccl between GPUs, gloo between CPU processes
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
 
     def print(self, *a):
         if self.main:
@@ -132,8 +143,8 @@ class Context:
 
 def setup(args):
     """The process's Context, the lr and min_lr from the base values, the seed. The reference's
-    rule: the base values times videos per optimizer step / 256; the num_sample clips cut from each
-    video do not count."""
+    rule: the base values times videos per optimizer step / 256 (the num_sample clips cut from each
+    video do not count)."""
     ctx = Context(args)
     videos = args.batch_size * ctx.world * args.accum_iter  # videos per optimizer step
     args.lr = args.blr * videos / 256
@@ -154,22 +165,13 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
-def gather(t, ctx):
-    """Rows of every process, concatenated (each holds the same number: the sampler pads)."""
-    if ctx.world == 1:
-        return t
-    parts = [torch.empty_like(t.to(ctx.device)) for _ in range(ctx.world)]
-    dist.all_gather(parts, t.to(ctx.device))
-    return torch.cat(parts).cpu()
-
-
 def leave_process_group(ctx):
     if ctx.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def refuse(message):
-    """A mistake found before training starts: one line on stderr, exit status 2 (as argparse does)."""
+    """A mistake found before training starts: one line on stderr, exit status 2 (as argparse)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -184,35 +186,36 @@ def fail(message, ctx, bar=None):
     sys.exit(1)
 
 
-# ----------------------------------------------------------------------------- loaders, model,
-# schedule
+# ------------------------------------------------------------------------ loaders, model, schedule
 
 def make_loader(dataset, args, ctx, train):
     """A DataLoader over this process's share of the videos (shuffled for training)."""
     from torch.utils.data import DataLoader, DistributedSampler
-    sampler = DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed, drop_last=train)
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers, drop_last=train,
-                        pin_memory=ctx.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if args.num_workers else None)
-    if train and len(loader) < args.accum_iter:  # drop_last: not one whole step; the loop would run none
+    sampler = DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed,
+                                 drop_last=train)
+    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        drop_last=train, pin_memory=ctx.device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if args.num_workers else None)
+    if train and len(loader) < args.accum_iter:  # not one whole step: the loop would run none
         per_step = args.batch_size * ctx.world * args.accum_iter
-        fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x {ctx.world} processes x "
-             f"{args.accum_iter} accum_iter = {per_step}; lower --batch_size or --accum_iter, or add videos", ctx)
+        fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x "
+             f"{ctx.world} processes x {args.accum_iter} accum_iter = {per_step}; lower "
+             f"--batch_size or --accum_iter, or add videos", ctx)
     return loader, sampler
 
 
 def start_epoch(epoch, sampler, args, ctx):
     """Seed the epoch's shuffle, torch's RNG (data workers, drop path, mixup) and a device generator
-    from (seed, epoch, rank): a resumed run replays exactly what the uninterrupted one would.
-    Returns the generator (the masks, mixup and cutmix draw from it)."""
+    (returned: masks, mixup and cutmix draw from it) from (seed, epoch, rank): a resumed run replays
+    exactly what the uninterrupted one would."""
     sampler.set_epoch(epoch)
     torch.manual_seed(((args.seed + 1) * 1_000_003 + epoch) * 1009 + ctx.rank)
-    return torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + epoch) * 1009 + ctx.rank)
+    seed = (args.seed * 1_000_003 + epoch) * 1009 + ctx.rank
+    return torch.Generator(ctx.device).manual_seed(seed)
 
 
 def wrap(net, args, ctx):
-    """The module the loop calls: compiled with --compile, in DistributedDataParallel under
-    torchrun."""
+    """The module the loop calls: compiled with --compile, in DistributedDataParallel (torchrun)."""
     model = torch.compile(net) if args.compile else net
     if ctx.world > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -237,18 +240,17 @@ def param_groups(model, weight_decay, layer_decay=None):
         else:
             layer = depth + 1
         scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
-        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": scale})
-        group["params"].append(p)
+        new = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        groups.setdefault((decay, scale), new)["params"].append(p)
     return list(groups.values())
 
 
 def lr_at(epoch, args):
-    """Linear warmup from 0, then a cosine down to min_lr; `epoch` is fractional (a pure function)."""
+    """Linear warmup from 0, then a cosine down to min_lr; `epoch` is fractional."""
     if epoch < args.warmup_epochs:
         return args.lr * epoch / args.warmup_epochs
-    progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    progress = min((epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-8), 1.0)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def autocast(args, ctx):
@@ -260,22 +262,19 @@ def autocast(args, ctx):
 
 
 def gradient_sync(model, sync):
-    """DistributedDataParallel averages the gradients over processes in backward(); the
-    micro-batches of an optimizer step before the last (--accum_iter) only add to them, without that
-    exchange."""
+    """DistributedDataParallel averages the gradients over processes in backward(); the micro-batches
+    of a step before the last (--accum_iter) only add to them, without that exchange."""
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
-# ----------------------------------------------------------------------------- the epoch's
-# bookkeeping
+# ------------------------------------------------------------------------- the epoch's bookkeeping
 
 class Meter:
-    """What a training epoch records beside the method: the progress bar, the loss, clips/s, the
-    time spent waiting for data, damaged videos, the finite-loss check, peak memory. steps() yields
-    each optimizer step's micro-batches (--accum_iter), record() takes each one's loss, summary()
-    gives the epoch's figures."""
+    """What a training epoch records beside the method: the progress bar, the loss, clips/s, time
+    waiting for data, damaged videos, the finite-loss check, peak memory. steps() yields each
+    optimizer step's micro-batches, record() takes their losses, summary() gives the figures."""
 
     def __init__(self, run, epoch, loader):
         self.run, self.ctx, self.args = run, run.ctx, run.args
@@ -284,8 +283,9 @@ class Meter:
         self.batches_done, self.clips, self.substituted, self.wait = 0, 0, 0, 0.0
         self.loss_sum = torch.zeros((), device=self.ctx.device)
         self.lr = None
-        self.bar = tqdm(total=self.num_steps, desc=f"epoch {epoch}", disable=not self.ctx.main, dynamic_ncols=True)
-        loader.dataset.bad |= run.bad_videos.unreadable  # this epoch's workers skip the files known to be broken
+        self.bar = tqdm(total=self.num_steps, desc=f"epoch {epoch}", disable=not self.ctx.main,
+                        dynamic_ncols=True)
+        loader.dataset.bad |= run.bad_videos.unreadable  # this epoch's workers skip these
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         self.start = time.perf_counter()
@@ -298,15 +298,16 @@ class Meter:
             self.bar.update(1)
 
     def _micro_batches(self, batches):
-        """(video, labels, last) for each micro-batch of a step: the num_sample clips of each video
-        as ImageNet-normalised (B * num_sample, 3, T, H, W) on the device, labels repeated alike."""
+        """(video, labels, last) for each of a step's --accum_iter micro-batches: the num_sample clips
+        of each video, ImageNet-normalised (B * num_sample, 3, T, H, W) on the device."""
         for k in range(self.args.accum_iter):
             waiting = time.perf_counter()
             try:
                 video, labels, index, substituted, truncated = next(batches)
-            except data.VideoReadError:  # every video failed (the first failures came with their names)
-                fail(f"stopping: none of the {len(self.loader.dataset)} videos of {self.args.data_path} can be "
-                     f"read; run `python data.py --check {self.args.data_path}`", self.ctx, self.bar)
+            except data.VideoReadError:  # every video failed (the first came with their names)
+                path = self.args.data_path
+                fail(f"stopping: none of the {len(self.loader.dataset)} videos of {path} can be "
+                     f"read; run `python data.py --check {path}`", self.ctx, self.bar)
             self.wait += time.perf_counter() - waiting
             self.run.bad_videos.add(index, substituted, truncated)
             self.substituted += int(substituted.sum())
@@ -316,26 +317,25 @@ class Meter:
             yield video, labels, k == self.args.accum_iter - 1
 
     def record(self, loss, lr):
-        """A micro-batch's loss; every 10 micro-batches the checks that need every process, and the
-        bar."""
+        """A micro-batch's loss; every 10 micro-batches the checks that need every process."""
         self.loss_sum += loss.detach()
         self.lr = lr
         it = self.batches_done
         self.batches_done += 1
         if it % 10 == 0 or self.batches_done == self.num_steps * self.args.accum_iter:
             self._check(it)
-            elapsed = time.perf_counter() - self.start
-            self.bar.set_postfix(loss=f"{self.loss_sum.item() / self.batches_done:.4f}", lr=f"{lr:.2e}",
-                                 clips_s=f"{self.clips * self.ctx.world / elapsed:.1f}")
+            clips_s = self.clips * self.ctx.world / (time.perf_counter() - self.start)
+            mean_loss = self.loss_sum.item() / self.batches_done
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_s:.1f}")
 
     def _check(self, it):
         """Every process stops together on a non-finite loss or too many unreadable videos."""
         if all_sum([float(not torch.isfinite(self.loss_sum))], self.ctx)[0] > 0:
-            fail(f"loss is not finite at epoch {self.epoch} step {it}: stopping. The last good checkpoint is "
-                 f"{self.run.latest}; lower --lr or --blr, or use --dtype bf16 instead of fp16, then rerun to "
-                 f"resume.", self.ctx, self.bar)
-        if self.run.bad_videos.sync(write=tqdm.write):  # (lines above the progress bar)
-            message = self.run.bad_videos.too_many(self.args.data_path, self.args.data_set, self.run.latest)
+            fail(f"loss is not finite at epoch {self.epoch} step {it}: stopping. The last good "
+                 f"checkpoint is {self.run.latest}; lower --lr or --blr, or use --dtype bf16 "
+                 f"instead of fp16, then rerun to resume.", self.ctx, self.bar)
+        if self.run.bad_videos.sync(write=tqdm.write):  # (the lines above the progress bar)
+            message = self.run.bad_videos.too_many(self.args, self.run.latest)
             fail(message, self.ctx, self.bar)
 
     def summary(self):
@@ -348,7 +348,8 @@ class Meter:
             peak = torch.cuda.max_memory_allocated(self.ctx.device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"epoch": self.epoch, "loss": loss / batches, "lr": self.lr, "clips_per_s": clips / elapsed,
+        return {"epoch": self.epoch, "loss": loss / batches, "lr": self.lr,
+                "clips_per_s": clips / elapsed,
                 "clips_per_step": clips * self.args.accum_iter * self.ctx.world / batches,
                 "data_wait": self.wait / elapsed, "peak_mem_mb": round(peak / 2**20),
                 "substituted": int(substituted), "epoch_s": elapsed}
@@ -362,20 +363,19 @@ class BadVideos:
 
     def __init__(self, dataset, world=1, main=True):
         self.samples, self.world, self.main = dataset.samples, world, main
-        self.limit = max(int(dataset.max_bad_fraction * len(dataset)), 2)  # unreadable files tolerated
+        self.limit = max(int(dataset.max_bad_fraction * len(dataset)), 2)  # files tolerated
         self.unreadable, self.truncated = set(), set()
         self.news = []  # (sample index, frames that decode or 0) since the last sync
 
     def add(self, index, substituted, truncated):
-        """A batch's items: item i skipped `substituted` unreadable samples, then read i +
-        substituted."""
+        """A batch's news: item i skipped `substituted` unreadable samples, then read i + substituted."""
         for i, skipped, frames in zip(index.tolist(), substituted.tolist(), truncated.tolist()):
             self.news += [(i + k, 0) for k in range(skipped)]
             if frames:
                 self.news.append((i + skipped, frames))
 
     def sync(self, write):
-        """Gather every process's news; write(line) names each new file. True when over the limit."""
+        """Gather every process's news; write() names each new file. True when over the limit."""
         news = [self.news]
         if self.world > 1:
             news = [None] * self.world
@@ -386,23 +386,26 @@ class BadVideos:
             known = self.truncated if frames else self.unreadable
             if path not in known and self.main:
                 if frames:
-                    write(f"truncated video, only its first {frames} frames decode (the last one repeats): {path}")
+                    write(f"truncated video, only its first {frames} frames decode (the last one "
+                          f"repeats): {path}")
                 else:
                     write(f"unreadable video, another sample used in its place: {path}")
             known.add(path)
         return len(self.unreadable) > self.limit
 
-    def too_many(self, data_path, data_set, checkpoint):
+    def too_many(self, args, checkpoint):
         names = sorted(self.unreadable)
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        check = f"python data.py --check {data_path}" + (f" --data_set {data_set}" if data_set else "")
+        check = f"python data.py --check {args.data_path}"
+        if args.data_set:
+            check += f" --data_set {args.data_set}"
         last = checkpoint if os.path.exists(checkpoint) else "none (no epoch finished)"
-        return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, more than the "
-                f"{self.limit} tolerated: {listed}; run `{check}` and remove or re-encode them; the last good "
-                f"checkpoint is {last}")
+        return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, "
+                f"more than the {self.limit} tolerated: {listed}; run `{check}` and remove or "
+                f"re-encode them; the last good checkpoint is {last}")
 
 
-# ----------------------------------------------------------------------------- the output folder
+# ------------------------------------------------------------------------------------------------ the run
 
 def resume_path(args):
     """--resume, else the newest checkpoint in --output_dir; None for a fresh run."""
@@ -419,10 +422,12 @@ class Run:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
         self.folder = RunFolder(args.output_dir, ctx.main)
         self.latest = self.folder.latest
-        self.bad_videos = None if train_set is None else BadVideos(train_set, ctx.world, ctx.main)
+        self.bad_videos = None  # a training run's record of damaged videos
+        if train_set is not None:
+            self.bad_videos = BadVideos(train_set, ctx.world, ctx.main)
         self.start_epoch = 0
         config = {"config": dict(vars(args)), "world_size": ctx.world}
-        if optimizer is None:  # evaluation only: weights were loaded by the caller
+        if optimizer is None:  # evaluation only: the caller loaded the weights
             ctx.print(f"evaluation: its lines are appended to {self.folder.log_path}")
             self.folder.log({**config, "evaluation": True})
             return
@@ -433,20 +438,18 @@ class Run:
         self.folder.start(config, self.start_epoch if resume else None)
 
     def set_lr(self, lr):
-        """The schedule's lr for this optimizer step, times each group's layer-wise scale
-        (fine-tuning)."""
+        """The schedule's lr for this step, times each group's layer-wise scale (fine-tuning)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def backward(self, loss):
-        """Add this micro-batch's gradient: loss / accum_iter, so that accumulation equals one
-        larger batch; scaled by the fp16 loss scaler (a no-op otherwise)."""
+        """Add this micro-batch's gradient: of loss / accum_iter, as one larger batch would; scaled by
+        the fp16 loss scaler (a no-op otherwise)."""
         self.scaler.scale(loss / self.args.accum_iter).backward()
 
     def step(self):
-        """AdamW on the accumulated gradients: unscaled, clipped to --clip_grad, applied, then
-        zeroed."""
+        """AdamW on the accumulated gradients: unscaled, clipped to --clip_grad, applied, zeroed."""
         if self.args.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.args.clip_grad)
@@ -458,14 +461,12 @@ class Run:
         self.folder.log(record)
 
     def numbered(self, epoch):
-        """Epochs that get a numbered checkpoint (and the held-out figures): every save_ckpt_freq,
-        and the last."""
+        """Epochs with a numbered checkpoint and held-out figures: every save_ckpt_freq, and the last."""
         return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def end_epoch(self, epoch, stats, picture=None):
-        """Log the epoch, then checkpoint it (weights.RunFolder): the newest every epoch, numbered
-        every save_ckpt_freq and at the end. picture(path), if given, draws recon-NNNN.png beside a
-        numbered one."""
+        """Log the epoch, then checkpoint it (the newest; a numbered one, and picture(path), if given,
+        draws recon-NNNN.png beside it)."""
         self.log(stats)
         self.folder.draw_curves()
         ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -473,7 +474,8 @@ class Run:
         self.folder.save(ckpt, numbered=self.numbered(epoch))
         if picture and self.numbered(epoch) and self.ctx.main:
             picture(os.path.join(self.args.output_dir, f"recon-{epoch:04d}.png"))
-        self.ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+        figures = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
+        self.ctx.print(" ".join(figures))
 
     def close(self):
         leave_process_group(self.ctx)

@@ -5,18 +5,18 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
 import mask as masks
 import model as models
 import plots
-from engine import all_sum, autocast, gather, make_loader
+from engine import all_sum, autocast, make_loader
 from weights import write_png
 
 
-# ----------------------------------------------------------------------------- every view of
-# every video
+# ------------------------------------------------------------------------ every view of every video
 
 def per_video(fn, dataset, args, ctx):
     """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset,
@@ -37,6 +37,15 @@ def per_video(fn, dataset, args, ctx):
     out = gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, K)
     merged, seen = merge_views(rows, out, len(dataset))
     return merged, seen, torch.tensor(all_sum(unreadable.tolist(), ctx)) > 0
+
+
+def gather(t, ctx):
+    """Rows of every process, concatenated (each holds the same number: the sampler pads)."""
+    if ctx.world == 1:
+        return t
+    parts = [torch.empty_like(t.to(ctx.device)) for _ in range(ctx.world)]
+    dist.all_gather(parts, t.to(ctx.device))
+    return torch.cat(parts).cpu()
 
 
 def merge_views(indices, probs, num_videos):
@@ -68,8 +77,7 @@ def score(probs, labels, scored):
             "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
 
-# ----------------------------------------------------------------------------- a classifier:
-# multi-view testing
+# ----------------------------------------------------------------- a classifier: multi-view testing
 
 def predict_and_score(net, dataset, args, ctx, want_probs=False):
     """Every view of every video through the model, softmax averaged per video, across all
@@ -128,8 +136,7 @@ def confusion_png(pred, labels, names, path, listed=30):
     write_png(path, plots.confusion(share, counts, names, pairs))
 
 
-# ----------------------------------------------------------------------------- frozen features:
-# the k-NN probe
+# ------------------------------------------------------------------ frozen features: the k-NN probe
 
 def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07):
     """Weighted k-NN on cosine similarity (as in InstDisc and DINO): each test video's k most
@@ -163,8 +170,7 @@ def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None
     return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
 
 
-# ----------------------------------------------------------------------------- a pre-training
-# model: reconstruction
+# ------------------------------------------------------------- a pre-training model: reconstruction
 
 def trivial_predictions(target, mask, grid):
     """What the visible tokens give away without any learning, the yardsticks of the reconstruction

@@ -31,9 +31,8 @@ import model as models
 from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data
-# set>/..._epoch_<E>/finetune.sh,
-# ViT-B; values the scripts leave out are run_class_finetuning.py's defaults), chosen as in
-# pretrain.py.
+# set>/..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are
+# run_class_finetuning.py's defaults), chosen as in pretrain.py.
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
             warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
             drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5,
@@ -49,11 +48,9 @@ RECIPES = {
     "HMDB51": UCF101,  # no script: the UCF101 script's values, the closest released recipe
 }
 # The demo: its classes name directions (no flips); its one object must stay in view (larger
-# crops); light
-# regularisation and no layer-wise decay (with 6 blocks and few steps it kept the pre-trained
-# start at 42% on
-# validation videos of another seed, 73% without; 91% and 90% from scratch): 6 classes learnt in
-# minutes.
+# crops); light regularisation and no layer-wise decay (with 6 blocks and few steps it kept the
+# pre-trained start at 42% on validation videos of another seed, 73% without; 91% and 90% from
+# scratch): 6 classes learnt in minutes.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=35,
             warmup_epochs=3, blr=1.6e-2, num_sample=2, save_ckpt_freq=10, layer_decay=1.0, drop_path=0.1,
             no_flip=True, in_memory=True, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, crop_scale=(0.4, 1.0))
@@ -258,8 +255,7 @@ def predict(args, ctx):
     ctx.print(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------- mixup / cutmix
-# with soft targets
+# ----------------------------------------------------------------- mixup / cutmix with soft targets
 
 def mix(video, labels, num_classes, args, gen):
     """Mixup or CutMix over the batch (partner = the batch reversed), with label-smoothed soft
@@ -299,8 +295,7 @@ def soft_cross_entropy(logits, target):
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-# ----------------------------------------------------------------------------- per-clip
-# augmentation (data workers)
+# ------------------------------------------------------------- per-clip augmentation (data workers)
 
 _FILL = (128, 128, 128)  # border fill of the geometric ops: timm's default, as the reference passes no img_mean
 

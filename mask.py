@@ -46,10 +46,13 @@ def running_cell_mask(batch_size, grid, ratio=0.5, generator=None, device=None):
         raise ValueError(f"running cell mask needs an even token grid, got {h}x{w}")
     hidden_per_cell = int(4 * ratio)
     if not 0 < hidden_per_cell < 4:
-        raise ValueError(f"decoder mask ratio {ratio} leaves int(4*ratio)={hidden_per_cell}; use 0.25-0.75")
+        raise ValueError(f"decoder mask ratio {ratio} leaves int(4*ratio)={hidden_per_cell}; "
+                         f"use 0.25-0.75")
     start = torch.randint(0, 4, (batch_size, 1, 1, 1), generator=generator, device=device)
     ti = torch.arange(t, device=device).view(1, t, 1, 1)
-    cell = (2 * (torch.arange(h, device=device) % 2)).view(1, 1, h, 1) + (torch.arange(w, device=device) % 2)
+    row = torch.arange(h, device=device).view(1, 1, h, 1) % 2
+    column = torch.arange(w, device=device) % 2
+    cell = 2 * row + column  # each token's place in its 2x2 cell, row-major
     slot = (cell + start + ti + 1) % 4  # position in the rolled cell, (B, t, h, w)
     return (slot < hidden_per_cell).reshape(batch_size, t * h * w)
 
@@ -63,13 +66,18 @@ def show(mask, grid):
     """One clip's mask as text: a row of t slices, '#' hidden, '.' shown."""
     t, h, w = grid
     m = mask.view(t, h, w)
-    return "\n".join("  ".join("".join("#" if v else "." for v in m[i, y]) for i in range(t)) for y in range(h))
+    rows = []
+    for y in range(h):  # one text row: row y of every slice, side by side
+        rows.append("  ".join("".join("#" if v else "." for v in m[i, y]) for i in range(t)))
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
     grid, g = (4, 8, 8), torch.Generator().manual_seed(0)
-    for name, mask in [("tube_mask(ratio=0.75)", tube_mask(1, grid, 0.75, g)),
-                       ("random_mask(ratio=0.75)", random_mask(1, grid, 0.75, g)),
-                       ("running_cell_mask(ratio=0.5)  (decoder: '#' not rebuilt)", running_cell_mask(1, grid, 0.5, g))]:
-        print(f"{name}: {grid[0]} temporal slices of {grid[1]}x{grid[2]} tokens, {int(mask.sum())} of {mask.numel()} hidden")
+    examples = {"tube_mask(ratio=0.75)": tube_mask(1, grid, 0.75, g),
+                "random_mask(ratio=0.75)": random_mask(1, grid, 0.75, g),
+                "running_cell_mask(ratio=0.5)  (decoder: '#' not rebuilt)": running_cell_mask(1, grid, 0.5, g)}
+    t, h, w = grid
+    for name, mask in examples.items():
+        print(f"{name}: {t} temporal slices of {h}x{w} tokens, {int(mask.sum())} of {t * h * w} hidden")
         print(show(mask[0], grid), end="\n\n")

@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 # Sizes: encoder width, depth, heads; decoder width, depth, heads. Released S and B runs used
 # decoder depth 4.
-_SIZES = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+_SIZES = ("embed_dim", "depth", "num_heads",
+          "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 PRESETS = {
     "mini": dict(zip(_SIZES, (192, 6, 3, 96, 2, 3))),  # the demo's
     "tiny": dict(zip(_SIZES, (192, 12, 3, 96, 4, 3))),
@@ -32,8 +33,7 @@ TUBELET_SIZE = 2  # Sec. 3.3, cube embedding: one token per 2 frames x 16 x 16 p
 PATCH_SIZE = 16
 
 
-# ----------------------------------------------------------------------------- Sec. 3.3: cube
-# embedding, positions
+# -------------------------------------------------------------- Sec. 3.3: cube embedding, positions
 
 def patchify(video, tubelet_size, patch_size):
     """(B, C, T, H, W) -> (B, N, tubelet*patch*patch*C): one row per token, in the cube embedding's
@@ -67,7 +67,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, patches):
         """(B, n, pt*ph*pw*C) in patchify's (t, h, w, c) order -> (B, n, embed_dim)."""
-        weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (D, C, pt, ph, pw) -> (D, pt*ph*pw*C)
+        # (D, C, pt, ph, pw) -> (D, pt*ph*pw*C), the order of patchify's rows
+        weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)
         return F.linear(patches, weight, self.proj.bias)
 
 
@@ -89,8 +90,7 @@ def positions(table, num_tokens):
     return sinusoid_table(num_tokens, table.shape[2], table.device)
 
 
-# ----------------------------------------------------------------------------- the transformer
-# block (ViT)
+# ---------------------------------------------------------------------- the transformer block (ViT)
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv matrix, learned q and v biases and no k bias."""
@@ -133,7 +133,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+        layers = OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(layers)
         self.drop_path = drop_path
 
     def forward(self, x, queries=None):
@@ -150,7 +151,7 @@ def run_blocks(blocks, x, grad_checkpointing, queries=None):
     outputs."""
     for i, block in enumerate(blocks):
         q = queries if i == len(blocks) - 1 else None
-        if grad_checkpointing and x.requires_grad:  # activations recomputed in backward: less memory
+        if grad_checkpointing and x.requires_grad:  # recomputed in backward: less memory
             x = checkpoint(block, x, q, use_reentrant=False)
         else:
             x = block(x, q)
@@ -177,14 +178,15 @@ def blocks_flops(blocks, num_tokens, queries=None):
     total = 0
     for i, b in enumerate(blocks):
         q = queries if queries and i == len(blocks) - 1 else num_tokens
-        rest = sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear) and m is not b.attn.qkv)
+        linears = [m for m in b.modules() if isinstance(m, nn.Linear) and m is not b.attn.qkv]
+        rest = sum(m.weight.numel() for m in linears)  # out projection and MLP: the queries only
         width = b.norm1.normalized_shape[0]
-        total += 2 * num_tokens * b.attn.qkv.weight.numel() + 2 * q * rest + 4 * q * num_tokens * width
+        total += 2 * num_tokens * b.attn.qkv.weight.numel() + 2 * q * rest
+        total += 4 * q * num_tokens * width  # q k^T and attn v
     return total
 
 
-# ----------------------------------------------------------------------------- Sec. 3.3: the
-# encoder
+# ---------------------------------------------------------------------------- Sec. 3.3: the encoder
 
 def select(x, keep):
     """The tokens of x (B, N, D) where keep (B, N) is True, in order: (B, n, D). Every clip's mask
@@ -204,15 +206,18 @@ class Encoder(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
         if num_frames % tubelet_size:
-            raise ValueError(f"num_frames {num_frames} is not a multiple of the tubelet size {tubelet_size}")
+            raise ValueError(f"num_frames {num_frames} is not a multiple of the tubelet size "
+                             f"{tubelet_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         self.patch_size, self.tubelet_size, self.in_chans = patch_size, tubelet_size, in_chans
-        self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)  # (t, h, w)
+        side = img_size // patch_size
+        self.grid = (num_frames // tubelet_size, side, side)  # (t, h, w) tokens
         self.patch_embed = PatchEmbed(in_chans, embed_dim, tubelet_size, patch_size)
-        self.register_buffer("pos_embed", sinusoid_table(math.prod(self.grid), embed_dim), persistent=False)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # drop path rises linearly over depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rates[i]) for i in range(depth))
+        table = sinusoid_table(math.prod(self.grid), embed_dim)
+        self.register_buffer("pos_embed", table, persistent=False)  # fixed: not in checkpoints
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # drop path rises over depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
         self.grad_checkpointing = False
 
@@ -220,9 +225,10 @@ class Encoder(nn.Module):
         """A clip (B, C, T, H, W) cut into tokens: (B, N, P*C); any multiple of the tubelet and
         patch sizes."""
         _, C, T, H, W = video.shape
-        if C != self.in_chans or T % self.tubelet_size or H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"clip of shape {tuple(video.shape[1:])} does not fit in_chans {self.in_chans}, "
-                             f"tubelet {self.tubelet_size}, patch {self.patch_size}")
+        pt, p = self.tubelet_size, self.patch_size
+        if C != self.in_chans or T % pt or H % p or W % p:
+            raise ValueError(f"clip of shape {tuple(video.shape[1:])} does not fit in_chans "
+                             f"{self.in_chans}, tubelet {pt}, patch {p}")
         return patchify(video, self.tubelet_size, self.patch_size)
 
     def forward(self, patches, mask=None, final_norm=True):
@@ -245,11 +251,11 @@ class Encoder(nn.Module):
 
     def flops(self, num_tokens):
         """Forward matmul FLOPs of embedding and blocks on num_tokens tokens of one clip."""
-        return 2 * num_tokens * self.patch_embed.proj.weight.numel() + blocks_flops(self.blocks, num_tokens)
+        embedding = 2 * num_tokens * self.patch_embed.proj.weight.numel()
+        return embedding + blocks_flops(self.blocks, num_tokens)
 
 
-# ----------------------------------------------------------------------------- Sec. 3.3: the
-# decoder
+# ---------------------------------------------------------------------------- Sec. 3.3: the decoder
 
 class Decoder(nn.Module):
     """A narrow transformer over the visible tokens' codes followed by one mask token per token to
@@ -270,8 +276,7 @@ class Decoder(nn.Module):
         return self.head(self.norm(x))
 
 
-# ----------------------------------------------------------------------------- Sec. 3.3: the
-# target and the loss
+# ---------------------------------------------------------------- Sec. 3.3: the target and the loss
 
 def reconstruction_target(patches, norm_pix_loss=True, channels=3):
     """The pixels to rebuild, from patchified ImageNet-normalised tokens (B, n, P*C). The reference
@@ -281,7 +286,7 @@ def reconstruction_target(patches, norm_pix_loss=True, channels=3):
     squared deviations) over a (P, C) view: no transposed copies, and much faster on CPUs than
     torch.var_mean's one-pass kernel."""
     B, n, D = patches.shape
-    x = patches.view(B, n, D // channels, channels)  # (B, n, P, C), channel fastest as patchify lays it out
+    x = patches.view(B, n, D // channels, channels)  # (B, n, P, C): channel fastest, as patchify
     mean = x.new_tensor(IMAGENET_MEAN[:channels])
     std = x.new_tensor(IMAGENET_STD[:channels])
     if not norm_pix_loss:
@@ -297,9 +302,10 @@ class VideoMAE(nn.Module):
 
     forward(video, mask, decode_mask=None) -> (loss, pred)
       video (B, 3, T, H, W), ImageNet-normalised; mask (B, N) True = hidden from the encoder;
-      decode_mask (B, N) True = not rebuilt (VideoMAE V2 dual masking); None = rebuild every hidden token.
-      pred (B, N_pred, tubelet*patch*patch*3): the rebuilt tokens in token order, pixels in (t, h, w, c).
-      loss: mean squared error against reconstruction_target() over tokens that are hidden and rebuilt.
+      decode_mask (B, N) True = not rebuilt (VideoMAE V2 dual masking); None = every hidden token.
+      pred (B, N_pred, tubelet*patch*patch*3): the rebuilt tokens in token order, their pixels in
+        (t, h, w, c) order.
+      loss: mean squared error against reconstruction_target() over the hidden, rebuilt tokens.
 """
 
     def __init__(self, img_size=224, num_frames=16, patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE,
@@ -307,21 +313,20 @@ class VideoMAE(nn.Module):
                  decoder_num_heads=6, mlp_ratio=4.0, norm_pix_loss=True, drop_path_rate=0.0):
         super().__init__()
         if decoder_embed_dim % decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} is not a multiple of decoder_num_heads "
-                             f"{decoder_num_heads}")
+            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} is not a multiple of "
+                             f"decoder_num_heads {decoder_num_heads}")
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = Encoder(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim, depth,
-                               num_heads, mlp_ratio, drop_path_rate)
+        self.encoder = Encoder(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim,
+                               depth, num_heads, mlp_ratio, drop_path_rate)
         self.encoder_to_decoder = nn.Linear(embed_dim, decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         pixels_per_token = tubelet_size * patch_size * patch_size * in_chans
         self.decoder = Decoder(decoder_embed_dim, decoder_depth, decoder_num_heads,
                                math.prod(self.encoder.grid), pixels_per_token, mlp_ratio)
-        init_weights(self, nn.init.xavier_uniform_)  # qkv initialised as one matrix, as in the reference
+        init_weights(self, nn.init.xavier_uniform_)  # qkv as one matrix, as the reference
         # The reference initialises only inside its encoder and decoder: the bridge keeps
-        # torch's default init
-        # (uniform, std 1/sqrt(3 * embed_dim)), and mask_token is cut at +-0.02 (timm's
-        # bounds are absolute).
+        # torch's default init (uniform, std 1/sqrt(3 * embed_dim)), and mask_token is cut
+        # at +-0.02 (timm's bounds are absolute).
         self.encoder_to_decoder.reset_parameters()
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
@@ -329,16 +334,16 @@ class VideoMAE(nn.Module):
         patches = self.encoder.patches(video)  # (B, N, P*C), shared by the encoder and the loss
         B, N, _ = patches.shape
         if mask.shape != (B, N):
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {B} clips of {N} tokens "
-                             f"(grid {self.encoder.grid})")
-        rebuild = mask if decode_mask is None else ~decode_mask  # the tokens the decoder is asked for
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {B} clips of {N} "
+                             f"tokens (grid {self.encoder.grid})")
+        rebuild = mask if decode_mask is None else ~decode_mask  # the tokens asked of the decoder
         with torch.no_grad():  # the target first, while little memory is in use
             target = reconstruction_target(select(patches, rebuild).float(), self.norm_pix_loss,
                                            self.encoder.in_chans)
         num_queries = target.shape[1]
         if num_queries == 0:  # (the decoder's last block would read queries=0 as "every token")
-            raise ValueError("the masks leave no token to rebuild (none hidden, or none asked of the decoder); "
-                             "raise the mask ratio")
+            raise ValueError("the masks leave no token to rebuild (none hidden, or none asked of the "
+                             "decoder); raise the mask ratio")
 
         # The encoder sees the visible tokens only.
         x = self.encoder_to_decoder(self.encoder(patches, mask))  # (B, N_vis, D_dec)
@@ -367,23 +372,22 @@ class VideoMAE(nn.Module):
         return 3 * f if training else f
 
 
-# ----------------------------------------------------------------------------- fine-tuning: the
-# classifier
+# ---------------------------------------------------------------------- fine-tuning: the classifier
 
 class VideoViT(Encoder):
     """Fine-tuning model: the encoder over all tokens, mean pooling, fc_norm and a linear head."""
 
     def __init__(self, num_classes=400, img_size=224, num_frames=16, patch_size=PATCH_SIZE,
-                 tubelet_size=TUBELET_SIZE, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 drop_path_rate=0.0, head_drop_rate=0.0, init_scale=0.001):
-        super().__init__(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim, depth, num_heads,
-                         mlp_ratio, drop_path_rate, final_norm=False)
+                 tubelet_size=TUBELET_SIZE, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path_rate=0.0, head_drop_rate=0.0, init_scale=0.001):
+        super().__init__(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim, depth,
+                         num_heads, mlp_ratio, drop_path_rate, final_norm=False)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(head_drop_rate)
         self.head = nn.Linear(embed_dim, num_classes)
-        init_weights(self, lambda w: nn.init.trunc_normal_(w, std=0.02))  # the reference's fine-tuning init
-        with torch.no_grad():
-            self.head.weight.mul_(init_scale)  # a small head: early gradients do not wreck the pre-trained encoder
+        init_weights(self, lambda w: nn.init.trunc_normal_(w, std=0.02))  # the reference's
+        with torch.no_grad():  # a small head: early gradients do not wreck a pre-trained encoder
+            self.head.weight.mul_(init_scale)
             self.head.bias.mul_(init_scale)
 
     def forward(self, video):

@@ -1,5 +1,4 @@
-"""Self-supervised VideoMAE pre-training (Sec. 3 of the paper), on one CPU or under torchrun on many
-GPUs.
+"""Self-supervised VideoMAE pre-training (Sec. 3 of the paper), on a CPU or under torchrun on GPUs.
 
     python pretrain.py          # the demo: a small model on built-in synthetic videos, on a CPU
     torchrun --nproc_per_node=8 pretrain.py --data_path UCF-101 --data_set UCF101 --model base
@@ -20,27 +19,24 @@ import evaluate
 import mask as masks
 import model as models
 
-# The reference's pre-training recipes (github.com/MCG-NJU/VideoMAE scripts/<data
-# set>/..._epoch_<E>/pretrain.sh,
-# ViT-B), chosen by --recipe (default: the --data_set's own, else K400's) when --data_path is
-# given; the demo's
-# otherwise. Epochs as in the scripts, one more than the name says; blr and min_blr are the
-# scripts' --lr, --min_lr.
+# The reference's pre-training recipes (ViT-B; github.com/MCG-NJU/VideoMAE, scripts/<data set>/
+# ..._epoch_<E>/pretrain.sh), chosen by --recipe (default: the --data_set's own, else K400's) when
+# --data_path is given; the demo's otherwise. Epochs as in the scripts, one more than the name says;
+# blr and min_blr are the scripts' --lr and --min_lr.
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
-            warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20,
-            no_norm_pix_loss=False, in_memory=False)  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs
+            warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1,
+            save_ckpt_freq=20, no_norm_pix_loss=False, in_memory=False)  # 64 GPUs
 UCF101 = {**K400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75,
-          "save_ckpt_freq": 100}  # ucf101/..._ratio_0.75_epoch_3200, for 8 GPUs
+          "save_ckpt_freq": 100}  # for 8 GPUs
 RECIPES = {
-    "K400": K400,
+    "K400": K400,  # kinetics/..._ratio_0.9_epoch_800
     "SSv2": {**K400, "sampling_rate": 2},  # ssv2/..._ratio_0.9_epoch_800
-    "UCF101": UCF101,
-    "HMDB51": {**UCF101, "epochs": 4800},  # no script: the paper's epochs, UCF101's values otherwise
+    "UCF101": UCF101,  # ucf101/..._ratio_0.75_epoch_3200
+    "HMDB51": {**UCF101, "epochs": 4800},  # no script: the paper's epochs, UCF101's otherwise
 }
 # The demo: a 6-block model on 64-pixel clips held in memory, 150 epochs of its 300 training
-# videos in about
-# 10 minutes on 2 CPU cores. Plain pixels: the picture then shows what the model itself rebuilds,
-# colours included.
+# videos in about 10 minutes on 2 CPU cores. Plain pixels: the picture then shows what the model
+# itself rebuilds, colours included.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=150,
             warmup_epochs=10, blr=2.4e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=25,
             no_norm_pix_loss=True, in_memory=True)
@@ -50,13 +46,13 @@ def parse_args(argv=None):
     parser = engine.common_parser(__doc__, RECIPES, DEMO)
     arg = parser.add_argument
     arg("--mask_type", choices=list(masks.MASKS), default="tube")
-    arg("--mask_ratio", type=float, help="share of tokens hidden from the encoder (K400: 0.9, UCF101: 0.75)")
+    arg("--mask_ratio", type=float, help="share of tokens hidden (K400 0.9, UCF101 0.75)")
     arg("--decoder_mask_type", choices=["none", "run_cell"], default="none",
         help="VideoMAE V2 dual masking: rebuild only a running-cell subset of the tokens")
     arg("--decoder_mask_ratio", type=float, default=0.5)
     arg("--opt_betas", type=float, nargs=2, default=(0.9, 0.95))
     arg("--no_norm_pix_loss", action="store_true", default=None,
-        help="rebuild plain pixels, not per-patch normalised ones (default: normalised; plain on the demo)")
+        help="rebuild plain pixels, not per-patch normalised ones (default: normalised; demo: plain)")
     arg("--norm_pix_loss", dest="no_norm_pix_loss", action="store_false", default=None,
         help="rebuild per-patch normalised pixels (the default, except on the demo)")
     args = engine.finish_args(parser, argv, RECIPES, DEMO)
@@ -65,61 +61,62 @@ def parse_args(argv=None):
             parser.error(f"--{name} {getattr(args, name)} must lie strictly between 0 and 1")
     side = args.input_size // models.PATCH_SIZE
     grid = (args.num_frames // models.TUBELET_SIZE, side, side)  # (t, h, w) tokens of a clip
-    hidden = masks.MASKS[args.mask_type](1, grid, args.mask_ratio)  # every clip hides as many tokens
+    hidden = masks.MASKS[args.mask_type](1, grid, args.mask_ratio)  # every clip hides as many
     if not hidden.any():
-        parser.error(f"--mask_ratio {args.mask_ratio} hides no token of the {grid[0]}x{grid[1]}x{grid[2]} grid "
+        t, h, w = grid
+        parser.error(f"--mask_ratio {args.mask_ratio} hides no token of the {t}x{h}x{w} grid "
                      f"(--mask_type {args.mask_type}): nothing to rebuild; raise it or the --input_size")
     if args.decoder_mask_type == "run_cell" and side % 2:
-        parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size {args.input_size} "
-                     f"gives {side}x{side}")
+        parser.error(f"--decoder_mask_type run_cell needs an even token grid; --input_size "
+                     f"{args.input_size} gives {side}x{side}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = engine.setup(args)  # this process (torchrun's rank, device), the lr for this batch size, the seed
+    ctx = engine.setup(args)  # this process (under torchrun: its rank and GPU), the lr, the seed
 
-    # The videos: the training split (no labels needed), and held-out ones for the figures at
-    # each checkpoint.
+    # The videos: the training split (no labels needed), and held-out ones to score the model on.
     samples = data.load_samples(args.data_path, args.data_set, args.split, train=True)[0]
     samples = data.training_subset(samples, args.per_class)
-    dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate, args.input_size,
-                                num_sample=args.num_sample, seed=args.seed, in_memory=args.in_memory)
+    dataset = data.VideoDataset(samples, "pretrain", args.num_frames, args.sampling_rate,
+                                args.input_size, num_sample=args.num_sample, seed=args.seed,
+                                in_memory=args.in_memory)
     loader, sampler = engine.make_loader(dataset, args, ctx, train=True)
     held_out = held_out_samples(samples, args)
 
-    # The model (Fig. 1): an encoder over the visible tubelets, a narrow decoder that rebuilds
-    # the hidden ones.
-    net = models.build_model("pretrain", args.model, img_size=args.input_size, num_frames=args.num_frames,
-                             norm_pix_loss=not args.no_norm_pix_loss).to(ctx.device)
+    # The model (Fig. 1): an encoder over the visible tubelets, a narrow decoder for the hidden.
+    net = models.build_model("pretrain", args.model, img_size=args.input_size,
+                             num_frames=args.num_frames, norm_pix_loss=not args.no_norm_pix_loss)
+    net = net.to(ctx.device)
     net.encoder.grad_checkpointing = args.grad_ckpt
     optimizer = torch.optim.AdamW(engine.param_groups(net, args.weight_decay), lr=args.lr,
                                   betas=tuple(args.opt_betas), fused=True)
-    run = engine.Run(args, ctx, net, optimizer, dataset)  # the output folder; resumes from its newest checkpoint
-    model = engine.wrap(net, args, ctx)  # compiled (--compile), DistributedDataParallel under torchrun
+    run = engine.Run(args, ctx, net, optimizer, dataset)  # the output folder; resumes if it can
+    model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel (torchrun)
     grid = net.encoder.grid  # (t, h, w) tokens of a clip
     make_mask = masks.MASKS[args.mask_type]
     n_visible = int((~make_mask(1, grid, args.mask_ratio, generator=torch.Generator())).sum())
-    clip = dataset[0][0][:1]  # one fixed clip, drawn in a reconstruction picture at each numbered checkpoint
+    ctx.print(f"{len(dataset)} videos, {len(loader) // args.accum_iter} steps/epoch, {grid} tokens "
+              f"per clip, {n_visible} visible")
+    clip = dataset[0][0][:1]  # one fixed clip, for the reconstruction picture of each checkpoint
     picture = functools.partial(evaluate.reconstruction_png, net, clip, args, ctx)
-    ctx.print(f"{len(dataset)} videos, {len(loader) // args.accum_iter} steps/epoch, {grid} tokens per clip, "
-              f"{n_visible} visible")
 
     for epoch in range(run.start_epoch, args.epochs):
-        generator = engine.start_epoch(epoch, sampler, args, ctx)  # the masks of a resumed run are drawn again
-        meter = engine.Meter(run, epoch, loader)  # progress bar, loss, clips/s, damaged videos, finite check
+        generator = engine.start_epoch(epoch, sampler, args, ctx)  # a resumed run draws alike
+        meter = engine.Meter(run, epoch, loader)  # progress bar, loss, clips/s, damaged videos
         for step, batches in meter.steps():
-            lr = run.set_lr(engine.lr_at(epoch + step / meter.num_steps, args))  # warmup, then cosine
-            for video, _, last in batches:  # video (B, 3, T, H, W), ImageNet-normalised; no labels needed
-                # Sec. 3.3: tube masking hides the same spatial positions in every
-                # frame (ratio 0.75-0.9)
-                mask = make_mask(len(video), grid, args.mask_ratio, generator=generator, device=ctx.device)
-                decode_mask = None  # VideoMAE V2: the decoder may rebuild a running-cell subset only
+            lr = run.set_lr(engine.lr_at(epoch + step / meter.num_steps, args))  # warmup, cosine
+            for video, _, last in batches:  # video (B, 3, T, H, W), normalised; labels unused
+                B = len(video)
+                # Sec. 3.3: tube masking hides the same spatial positions in every frame.
+                mask = make_mask(B, grid, args.mask_ratio, generator=generator, device=ctx.device)
+                decode_mask = None  # VideoMAE V2: the decoder may rebuild a running-cell subset
                 if args.decoder_mask_type == "run_cell":
-                    decode_mask = masks.running_cell_mask(len(video), grid, args.decoder_mask_ratio,
+                    decode_mask = masks.running_cell_mask(B, grid, args.decoder_mask_ratio,
                                                           generator=generator, device=ctx.device)
                 with engine.gradient_sync(model, last), engine.autocast(args, ctx):
-                    loss, pred = model(video, mask, decode_mask)  # MSE on the rebuilt hidden tubelets
+                    loss, pred = model(video, mask, decode_mask)  # MSE on the hidden tubelets
                 run.backward(loss)  # accumulated over --accum_iter micro-batches
                 meter.record(loss, lr)
             run.step()  # AdamW on the accumulated gradient (clipped with --clip_grad)
@@ -128,8 +125,9 @@ def main(argv=None):
         stats["rebuilt_per_clip"] = pred.shape[1]  # tokens the decoder rebuilt, per clip
         if run.numbered(epoch) and held_out:  # has it learnt anything of videos? (evaluate.py)
             stats.update(evaluate.reconstruction_scores(net, held_out, args, ctx))
-            if min(label for _, label in samples + held_out) >= 0:  # labelled: the k-NN probe of the encoder
-                probe = evaluate.knn_probe(net.encoder, samples, held_out, args, ctx, frames=dataset.frames)
+            if min(label for _, label in samples + held_out) >= 0:  # labelled: probe the encoder
+                probe = evaluate.knn_probe(net.encoder, samples, held_out, args, ctx,
+                                           frames=dataset.frames)
                 stats["knn_top1"] = probe["top1"]
         run.end_epoch(epoch, stats, picture)
     run.close()

@@ -34,7 +34,7 @@ def tiny_vit(num_classes=5, **kw):
     return MD.VideoViT(num_classes=num_classes, **{**sizes, **kw})
 
 
-# ----------------------------------------------------------------------------- masks
+# -------------------------------------------------------------------------------------------- masks
 
 def test_tube_mask_hides_the_same_positions_in_every_slice():
     m = M.tube_mask(64, (8, 14, 14), 0.9, generator=torch.Generator().manual_seed(1))
@@ -75,7 +75,7 @@ def test_running_cell_mask_matches_the_rolled_cell():
         M.running_cell_mask(1, (2, 3, 4), 0.5)
 
 
-# ----------------------------------------------------------------------------- model numerics
+# ----------------------------------------------------------------------------------- model numerics
 
 def test_sdpa_attention_equals_plain_softmax_attention():
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def test_flops_count_matches_a_hand_count():
     assert tiny_vit().flops(32) == 2 * (2 * 32 * 48 * 48 * 12 + 4 * 32 * 32 * 48) + 2 * 32 * 384 * 48
 
 
-# ----------------------------------------------------------------------------- checkpoint formats
+# ------------------------------------------------------------------------------- checkpoint formats
 
 HF_PIECES = [("blocks.", "encoder.layer."), ("attn.proj.", "attention.output.dense."), ("norm1.", "layernorm_before."),
              ("norm2.", "layernorm_after."), ("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense."),
@@ -433,7 +433,7 @@ def test_exported_models_compute_what_ours_do_in_transformers(tmp_path):
     assert theirs.config.id2label == {0: "run", 1: "jump", 2: "swim"}
 
 
-# ----------------------------------------------------------------------------- training pieces
+# ---------------------------------------------------------------------------------- training pieces
 
 def test_param_groups_layer_decay_and_no_decay_on_biases():
     from engine import param_groups
@@ -541,7 +541,7 @@ def test_confusion_png_prints_each_share_in_its_cell():
         assert 101 * 18 < img.shape[0] < 2200 and 101 * 18 < img.shape[1] < 2600  # 18-pixel cells for UCF101
 
 
-# ----------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------- data
 
 
 def frames_of(n, size=(64, 48), seed=0):
@@ -1052,7 +1052,7 @@ def test_demo_classes_are_learnable_from_the_loaders_clips(tmp_path):
     assert accuracy > 0.75, accuracy  # chance: 1/6
 
 
-# ----------------------------------------------------------------------------- the scripts, end to end
+# -------------------------------------------------------------------------- the scripts, end to end
 
 import pretrain  # noqa: E402
 import engine  # noqa: E402

@@ -35,8 +35,7 @@ def write_png(path, img):
     atomic_write(path, lambda tmp: cv2.imwrite(tmp, img), suffix=".png")
 
 
-# ----------------------------------------------------------------------------- names: HuggingFace
-# <-> reference
+# ----------------------------------------------------------------- names: HuggingFace <-> reference
 
 # The start of a HuggingFace key <-> the same tensor's key in the reference's pre-training layout.
 _HF_TOP = [
@@ -101,7 +100,7 @@ def _convert(sd, to_hf):
     return out
 
 
-# ----------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------ reading
 
 def canonical_weights(ckpt):
     """The weights of a checkpoint in any known format, named as in the reference's pre-training
@@ -183,8 +182,7 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     return missing, unexpected
 
 
-# ----------------------------------------------------------------------------- a training run's
-# folder
+# -------------------------------------------------------------------------- a training run's folder
 
 CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
           "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
@@ -270,8 +268,7 @@ def _logged_epoch(line):
         return math.inf
 
 
-# ----------------------------------------------------------------------------- writing: the
-# HuggingFace layout
+# ------------------------------------------------------------------ writing: the HuggingFace layout
 
 # A preset's sizes -> the names of HuggingFace's config.json.
 _HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
