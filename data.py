@@ -1,8 +1,7 @@
-"""Video data, top down: which frames a clip takes and how it is cropped (the reference's rules,
-from github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset that serves clips
-as uint8 (V, T, H, W, 3), the data sets on disk, the demo set, and frame-exact OpenCV reading that
-survives broken files. `python data.py --check DATA_PATH` reports unreadable, truncated, slow and
-short videos."""
+"""Video data, top down: the frames a clip takes and its crops (the reference's rules, from
+github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset of uint8 clips, data
+sets on disk, the demo set, and frame-exact OpenCV reading that survives broken files.
+`python data.py --check DATA_PATH` reports unreadable, truncated, slow and short videos."""
 import argparse
 import json
 import math
@@ -20,57 +19,57 @@ import numpy as np
 import torch
 
 import plots
-from model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the loss target undoes this normalisation
+from model import IMAGENET_MEAN, IMAGENET_STD  # shared: loss targets undo this normalisation
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
-SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official split files
+# The folders of the official split files.
+SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}
 
-# Parallelism comes from DataLoader worker processes (which inherit this), so OpenCV and each
-# FFmpeg decoder run one thread: pools on 224-pixel crops cost more in synchronisation than they
-# save, and oversubscribe.
+# Parallelism comes from DataLoader worker processes (they inherit this): OpenCV and FFmpeg
+# decoders run one thread; pools on 224-pixel crops oversubscribe, costing more to sync than saved.
 cv2.setNumThreads(1)
-# A broken file is reported once, by name, by the code that reads it; FFmpeg's and OpenCV's own
-# lines about it ("moov atom not found", "can't be used to capture by name") would repeat it in
-# every worker and epoch.
-os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET; read when OpenCV first opens a file
+# A broken file is reported once, by name, by its reader: FFmpeg's and OpenCV's own lines on it
+# ("moov atom not found", "can't be used to capture by name") would repeat per worker and epoch.
+os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET, read at OpenCV's first open
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def normalize(clips):
-    """uint8 (..., T, H, W, 3) RGB -> float32 (..., 3, T, H, W) ImageNet-normalised, on clips'
-    device."""
-    x = clips.movedim(-1, -4).contiguous().float()  # reorder the uint8 (1 byte per value), then convert
-    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    """uint8 RGB (..., T, H, W, 3) -> ImageNet-normalised float32 (..., 3, T, H, W), same device."""
+    x = clips.movedim(-1, -4).contiguous().float()  # reorder uint8 (1 byte a value), then convert
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
     return x.sub_(mean).div_(std)
 
 
 # --------------------------------------------------------------------------- which frames: sampling
 
-def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
+def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None,
+                 test_num_segment=5):
     """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test
     clips, as a list, by the reference's rules, short videos included (kinetics.py, ssv2.py)."""
     T, r, S = num_frames, sampling_rate, test_num_segment
-    if sampling == 'segment' and mode == 'test':  # ssv2.py: T segments, at offsets 0 and 1/2 of one (S = 2)
-        tick = n / T
+    if sampling == 'segment' and mode == 'test':
+        tick = n / T  # ssv2.py: T segments, the clips at offsets 0 and 1/2 of one (S = 2)
         clips = [[int(tick * v / S + tick * t) for t in range(T)] for v in range(S)]
-    elif sampling == 'segment':  # ssv2.py: T segments of n // T frames, a random frame in each; all 0 if n < T
-        length = n // T
+    elif sampling == 'segment':
+        length = n // T  # ssv2.py: T segments of n // T frames, one drawn in each; all 0 if n < T
         offsets = rng.integers(length, size=T) if length else 0
         clips = [np.arange(T) * length + offsets]
-    elif mode == 'pretrain':  # the pre-training loader: stride r from a random start; a step that would reach
-        start = rng.integers(max(n - T * r, 0) + 1)  # the last frame (or past it) is not taken,
-        steps = max((n - 2 - start) // r, 0)  # and the frame reached last then repeats
+    elif mode == 'pretrain':  # the pre-training loader: stride r from a random start; a step
+        start = rng.integers(max(n - T * r, 0) + 1)  # that would reach the last frame (or past it)
+        steps = max((n - 2 - start) // r, 0)  # is not taken, and the frame reached last repeats
         clips = [start + r * np.minimum(np.arange(T), steps)]
-    elif mode == 'train' and n > T * r:  # kinetics.py: T frames evenly over [end - T*r, end), end random
-        end = rng.integers(T * r, n)
+    elif mode == 'train' and n > T * r:
+        end = rng.integers(T * r, n)  # kinetics.py: T frames evenly in [end - T*r, end), end random
         clips = [np.minimum(np.linspace(end - T * r, end, T), end - 1)]
-    elif mode == 'train':  # kinetics.py, n <= T*r: n // r frames evenly over [0, n], then the last frame repeats
-        clips = [np.concatenate([np.linspace(0, n, n // r), np.full(T - n // r, n)])]
-    else:  # kinetics.py test: every r-th frame (the last repeated up to T), S clips of T evenly spaced in it
+    elif mode == 'train':  # kinetics.py, n <= T*r: n // r frames evenly over [0, n], the last
+        clips = [np.concatenate([np.linspace(0, n, n // r), np.full(T - n // r, n)])]  # repeated
+    else:  # kinetics.py test: S clips of T evenly spaced in every r-th frame, last repeated to T
         strided = -(-n // r)  # frames at stride r
         every = r * np.minimum(np.arange(max(strided, T)), strided - 1)
-        room = len(every) - T
-        starts = [int(v * (room / (S - 1))) for v in range(S)] if S > 1 else [room // 2]  # 1 clip: the middle
+        room = len(every) - T  # where clips can start; a single clip starts in the middle
+        starts = [int(v * (room / (S - 1))) for v in range(S)] if S > 1 else [room // 2]
         clips = [every[s:s + T] for s in starts]
     return [np.clip(np.asarray(c).astype(np.int64), 0, n - 1) for c in clips]
 
@@ -78,15 +77,14 @@ def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=No
 # ------------------------------------------------------------------------ where in the frame: crops
 
 def multiscale_crop_box(H, W, size, rng):
-    """Pre-training's GroupMultiScaleCrop (transforms.py): side scales (1, .875, .75, .66) of the
-    short side, width and height scale indices at most 1 apart, offset among 13 fixed positions. (x,
-    y, w, h)."""
+    """(x, y, w, h) of pre-training's GroupMultiScaleCrop (transforms.py): sides of 1, .875, .75 or
+    .66 times the short side, width and height scale indices at most 1 apart, 13 fixed offsets."""
     sides = [int(min(H, W) * s) for s in (1, .875, .75, .66)]
     sides = [size if abs(s - size) < 3 else s for s in sides]
     pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
     w, h = pairs[rng.integers(len(pairs))]
     offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
-               (1, 1), (3, 1), (1, 3), (3, 3)]  # in quarters of the room left: corners, centre, edges
+               (1, 1), (3, 1), (1, 3), (3, 3)]  # quarters of the room left: corners, centre, edges
     a, b = offsets[rng.integers(13)]
     return a * ((W - w) // 4), b * ((H - h) // 4), w, h
 
@@ -106,18 +104,16 @@ def resized_crop_box(H, W, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=1
 
 
 def eval_crop_boxes(H, W, num_crop):
-    """Test crops (kinetics.py): short-side squares at left/centre/right along the long side (centre
-    for 1)."""
+    """Test crops (kinetics.py): short-side squares from end to end of the long side (1: centre)."""
     s, room = min(H, W), abs(W - H)
     starts = np.linspace(0, room, num_crop) if num_crop > 1 else [room / 2]
     return [(int(o), 0, s, s) if W >= H else (0, int(o), s, s) for o in starts]
 
 
 def _render(frames, indices, box, size, flip, out, area=False):
-    """Fill out, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames, resize into `out`,
-    colour-convert (and flip) in place, with no copy of the clip. Bilinear; with `area`, a crop
-    larger than `size` both ways is averaged (INTER_AREA), closer to the PIL filter of the
-    reference's pre-training, which averages to shrink."""
+    """Fill `out`, uint8 (T, size, size, 3), with RGB frames: crop the BGR frames, resize into it,
+    colour-convert (and flip) in place, copying no clip. Bilinear; with `area`, crops larger than
+    `size` both ways are averaged (INTER_AREA), like the reference pre-training's PIL filter."""
     x, y, w, h = box
     interpolation = cv2.INTER_AREA if area and w > size and h > size else cv2.INTER_LINEAR
     for t, i in enumerate(indices):
@@ -133,26 +129,27 @@ def _render(frames, indices, box, size, flip, out, area=False):
 
 class VideoDataset(torch.utils.data.Dataset):
     """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample
-    crops of one decoded clip (repeated sampling) in 'pretrain'/'train' mode, test_num_segment x
-    test_num_crop views in 'test' mode; augment(view, rng), if given, alters each 'train' crop in
-    place. An unreadable video is replaced by the next sample: `substituted` counts the unreadable
-    samples skipped from `index` on; `truncated` is the number of frames that decode in a file that
-    holds fewer than its container claims. The items carry the news; the training loop names the
-    files (engine.BadVideos)."""
+    crops of one decoded clip (repeated sampling) in pretrain/train mode, test_num_segment x
+    test_num_crop views in test mode; augment(view, rng) alters each train crop in place. Unreadable
+    videos give way to the next sample (`substituted` counts those skipped from `index` on,
+    engine.BadVideos names them); `truncated`: frames decoded if a file has fewer than it claims."""
 
     def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
                  sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
                  test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
-        if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
-            raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
-                             f"{len(samples)} samples; check the arguments and --data_path")
-        self.samples, self.mode, self.sampling = list(samples), mode, sampling
-        self.T, self.rate, self.size, self.num_sample = num_frames, sampling_rate, input_size, num_sample
+        if (mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment')
+                or not samples):
+            raise ValueError(
+                f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
+                f"{len(samples)} samples; check the arguments and --data_path")
+        self.samples, self.mode, self.sampling, self.seed = list(samples), mode, sampling, seed
+        self.T, self.rate, self.size = num_frames, sampling_rate, input_size
+        self.num_sample, self.augment, self.crop_scale = num_sample, augment, tuple(crop_scale)
         self.flip = mode == 'train' if flip is None else flip
-        self.augment, self.crop_scale, self.seed = augment, tuple(crop_scale), seed
-        self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
-        self.bad = set()  # files known to be unreadable: skipped without a try (workers inherit it each epoch)
-        self.frames = {}  # path -> every decoded BGR frame (n, H, W, 3), with in_memory: small sets decode once
+        self.segments, self.crops = test_num_segment, test_num_crop
+        self.max_bad_fraction = max_bad_fraction
+        self.bad = set()  # unreadable files, skipped untried (each epoch's workers inherit it)
+        self.frames = {}  # in_memory: path -> every BGR frame (n, H, W, 3); small sets decode once
         if in_memory:
             paths = sorted({path for path, _ in self.samples})
             with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
@@ -173,20 +170,19 @@ class VideoDataset(torch.utils.data.Dataset):
                 return clips, self.samples[j][1], i, substituted, _TRUNCATED.get(path, 0)
             except VideoReadError:
                 self.bad.add(path)
-        raise VideoReadError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
+        raise VideoReadError(f"none of the {len(self)} videos is readable; "
+                             f"run `python data.py --check DATA_PATH`")
 
     def _load(self, j):
-        """The views of sample j, uint8 (V, T, H, W, 3); raises VideoReadError for a file that
-        cannot be read."""
+        """The views of sample j, uint8 (V, T, H, W, 3); VideoReadError for an unreadable file."""
         path = self.samples[j][0]
         video = self.frames.get(path)
         cap, n = _open(path) if video is None else (None, len(video))
-        # A generator per item from torch's RNG, re-seeded per worker and epoch: new each
-        # epoch, replayed on resume.
+        # From torch's RNG, re-seeded per worker and epoch: new each epoch, replayed on resume.
         rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
         clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
-        if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same frames, num_sample crops
-            clips = clips * self.num_sample
+        if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same
+            clips = clips * self.num_sample  # frames, num_sample crops
         if video is None:
             video = _decode(cap, path, sorted(set(np.concatenate(clips).tolist())))
         H, W = video[clips[0][0]].shape[:2]
@@ -200,18 +196,17 @@ class VideoDataset(torch.utils.data.Dataset):
         for view, (c, box) in zip(out, views):
             flip = self.flip and rng.random() < 0.5
             _render(video, c, box, self.size, flip, view, area=self.mode == 'pretrain')
-            if self.mode == 'train' and self.augment:  # on the crop (the reference: on whole frames, before it)
-                self.augment(view, rng)
+            if self.mode == 'train' and self.augment:
+                self.augment(view, rng)  # on the crop (the reference: on whole frames, before it)
         return out
 
 
 # -------------------------------------------------------------------------------- data sets on disk
 
 def load_samples(data_path, data_set=None, split=1, train=True):
-    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101' or
-    'HMDB51' (the folder as distributed, its split folder beside or inside), 'list' (a list file, or
-    a folder with train.txt and val.txt), 'folder' (class subfolders, or any videos: unlabelled),
-    'demo', None: detect."""
+    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101',
+    'HMDB51' (as distributed, split folder beside or inside), 'list' (a list file, or a folder with
+    train.txt and val.txt), 'folder' (class subfolders, else unlabelled), 'demo', None: guess."""
     root = Path(data_path)
     if data_set == 'demo':  # an existing demo set is used whatever its parameters
         if not (root / 'meta.json').is_file():
@@ -222,12 +217,16 @@ def load_samples(data_path, data_set=None, split=1, train=True):
     splits = _split_dirs(root)
     data_set = data_set or guess_data_set(root)
     if data_set in SPLIT_DIRS and data_set not in splits:
-        raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it for the split files")
-    if data_set == 'UCF101':  # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"
+        raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it "
+                                f"for the split files")
+    if data_set == 'UCF101':
+        # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"
         names = (splits[data_set] / 'classInd.txt').read_text().split()[1::2]
         lst = splits[data_set] / f"{'train' if train else 'test'}list{split:02d}.txt"
-        entries = [(root / line.split()[0], names.index(line.split('/')[0]), where) for where, line in _lines(lst)]
-    elif data_set == 'HMDB51':  # <class>_test_split<N>.txt: "<name>.avi <tag>", 1 train, 2 test, 0 unused
+        entries = [(root / line.split()[0], names.index(line.split('/')[0]), where)
+                   for where, line in _lines(lst)]
+    elif data_set == 'HMDB51':
+        # <class>_test_split<N>.txt: "<name>.avi <tag>", 1 train, 2 test, 0 unused
         folder, suffix, tag = splits[data_set], f'_test_split{split}.txt', '1' if train else '2'
         names = sorted(p.name[:-len(suffix)] for p in folder.glob('*' + suffix))
         entries = [(root / c / line.split()[0], label, where) for label, c in enumerate(names)
@@ -238,14 +237,16 @@ def load_samples(data_path, data_set=None, split=1, train=True):
     elif data_set == 'folder':  # labelled by class subfolder, unless some video lies outside one
         videos = sorted(p.relative_to(root) for p in root.rglob('*')
                         if p.suffix.lower() in VIDEO_EXTS and p.is_file())
-        classes = sorted({p.parts[0] for p in videos}) if all(len(p.parts) > 1 for p in videos) else []
+        in_subfolders = all(len(p.parts) > 1 for p in videos)
+        classes = sorted({p.parts[0] for p in videos}) if in_subfolders else []
         label = {c: k for k, c in enumerate(classes)}
         return [(str(root / p), label.get(p.parts[0], -1)) for p in videos], classes
     else:
         raise ValueError(f"--data_set {data_set!r}: expected UCF101, HMDB51, list, folder or demo")
     missing = [f'{where}: {path}' for path, _, where in entries if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} missing); fix the list or the data path")
+        raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} missing); "
+                                f"fix the list or the data path")
     return [(str(path), label) for path, label, _ in entries], names
 
 
@@ -260,8 +261,7 @@ def training_subset(samples, per_class=None):
 
 
 def guess_data_set(data_path):
-    """The format of data_path: 'list', 'UCF101' or 'HMDB51' (their split folders found), else
-    'folder'."""
+    """data_path's format: 'list', 'UCF101' or 'HMDB51' (split folders found), else 'folder'."""
     root = Path(data_path)
     is_list = root.is_file() or (root / 'train.txt').is_file()
     return 'list' if is_list else next(iter(_split_dirs(root)), 'folder')
@@ -269,7 +269,8 @@ def guess_data_set(data_path):
 
 def _split_dirs(root):
     """{data set: folder of its official split files}, for those found inside or beside root."""
-    return {name: d for name, sub in SPLIT_DIRS.items() for d in (root.parent / sub, root / sub) if d.is_dir()}
+    return {name: d for name, sub in SPLIT_DIRS.items()
+            for d in (root.parent / sub, root / sub) if d.is_dir()}
 
 
 def _lines(path):
@@ -279,9 +280,8 @@ def _lines(path):
 
 
 def _list_file(lst):
-    """'path label' per line (the reference's format; paths relative to the list's folder or
-    absolute); a line without a label gets label -1. Class names: each label's common parent folder,
-    else the label."""
+    """'path label' lines (the reference's format; paths absolute or relative to the list's folder),
+    label -1 if absent. Class names: each label's common parent folder, else the label."""
     entries, parents = [], {}
     for where, line in _lines(lst):
         m = re.fullmatch(r'(.+?)\s+(-?\d+)', line)
@@ -298,8 +298,7 @@ DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
 
 
 def _demo_video(path, cls, rng, num_frames, W=96, H=72):
-    """One video of class `cls` (plots.demo_frames draws it), as XVID (MJPG where OpenCV lacks
-    XVID)."""
+    """One video of class `cls` (drawn by plots.demo_frames): XVID, MJPG where OpenCV lacks XVID."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
     if not writer.isOpened():
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
@@ -308,23 +307,23 @@ def _demo_video(path, cls, rng, num_frames, W=96, H=72):
     writer.release()
 
 
-def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20, num_frames=48,
-                      seed=0):
-    """Synthetic motion classes in root/<class>/*.avi with train.txt and val.txt, deterministic from
-    seed; a set with the same parameters is reused, any other folder left alone. Built in a
-    temporary folder, renamed when complete: a killed build leaves nothing, and of calls racing for
-    one root the first to finish provides it."""
+def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20,
+                      num_frames=48, seed=0):
+    """Synthetic motion classes in root/<class>/*.avi, train.txt and val.txt, deterministic from
+    seed; a set of these parameters is reused, other folders left alone. Built in a temporary folder
+    renamed when complete: a killed build leaves nothing; of racing calls the first done is used."""
     root = Path(root)
-    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class, val_per_class=val_per_class,
-                num_frames=num_frames, seed=seed, version=3)
+    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class,
+                val_per_class=val_per_class, num_frames=num_frames, seed=seed, version=3)
 
     def complete():  # meta.json is written last, so a root that has it holds a whole set
-        return (root / 'meta.json').is_file() and json.loads((root / 'meta.json').read_text()) == meta
+        meta_file = root / 'meta.json'
+        return meta_file.is_file() and json.loads(meta_file.read_text()) == meta
     if complete():
         return root
-    if root.exists():  # never deleted here: racing calls could not tell a stale set from one just renamed
-        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); delete it or pass "
-                              f"another --data_path")
+    if root.exists():  # never deleted: racing calls can't tell a stale set from one just renamed
+        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); "
+                              f"delete it or pass another --data_path")
     tmp = root.with_name(f'.{root.name}.{uuid.uuid4().hex}')  # unique across processes and hosts
     lists, jobs = {'train.txt': [], 'val.txt': []}, []
     try:
@@ -342,7 +341,7 @@ def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_
         (tmp / 'meta.json').write_text(json.dumps(meta))
         if not complete():
             os.replace(tmp, root)
-    except OSError:  # the rename fails on the set of a call that finished in between: that one is used
+    except OSError:  # the rename fails on the set of a call that finished in between: it is used
         if not complete():
             raise
     finally:
@@ -352,9 +351,9 @@ def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_
 
 # ----------------------------------------------------------------- reading frames, broken files too
 
-SEEK_MIN = 32  # below this first frame, decoding from frame 0 costs no more than a seek (measured, XVID/mp4v)
-_SEEK_UNSAFE = set()  # files whose seek missed its target in this process: decoded from frame 0 from then on
-_TRUNCATED = {}  # file -> frames that decode, for files whose stream ended before the container's count
+SEEK_MIN = 32  # before this frame, decoding from 0 costs no more than a seek (measured, XVID/mp4v)
+_SEEK_UNSAFE = set()  # files whose seek missed in this process: read from frame 0 from then on
+_TRUNCATED = {}  # file -> frames that decode, where the stream ends before the container's count
 
 
 class VideoReadError(RuntimeError):
@@ -366,7 +365,8 @@ def _open(path):
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
     if n <= 0:
-        raise VideoReadError(f"{path}: not a readable video (missing, empty or no frames); re-encode or remove it")
+        raise VideoReadError(f"{path}: not a readable video (missing, empty or no frames); "
+                             f"re-encode or remove it")
     return cap, n
 
 
@@ -375,19 +375,17 @@ def video_length(path):
 
 
 def read_frames(path, indices):
-    """uint8 (len(indices), H, W, 3) RGB frames at `indices` (any order, repeats allowed),
-    frame-exact."""
+    """uint8 RGB frames (len(indices), H, W, 3) at `indices` (any order, repeats), frame-exact."""
     indices = [int(i) for i in indices]
     frames = _decode(_open(path)[0], path, sorted(set(indices)))
     return np.stack([cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB) for i in indices])
 
 
 def _decode(cap, path, wanted, seek=True):
-    """{index: BGR frame} for the sorted unique `wanted` indices, as a sequential decode from 0
-    gives them (indices past the real end get its last frame); only wanted frames are converted
-    (retrieve). From SEEK_MIN on it seeks (exact by timestamp for constant frame rates: XVID, mp4v,
-    H.264 with B-frames, see the tests); if the frame after the seek lacks wanted[0]'s timestamp,
-    the file is decoded from 0."""
+    """{index: BGR frame} for the sorted unique `wanted` indices as a sequential decode from 0 gives
+    them (past the real end: its last frame), converting only those (retrieve). From SEEK_MIN on it
+    seeks (exact by timestamp at constant frame rates: XVID, mp4v, H.264 with B-frames, see the
+    tests); if the frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
     path, first, last = str(path), wanted[0], wanted[-1]
     fps = cap.get(cv2.CAP_PROP_FPS)
     seek = seek and first >= SEEK_MIN and fps > 0 and path not in _SEEK_UNSAFE
@@ -419,8 +417,7 @@ def _decode(cap, path, wanted, seek=True):
 
 
 def _decode_all(path):
-    """Every frame of a video, BGR (n, H, W, 3), or None if it does not decode (the dataset reports
-    it later)."""
+    """Every BGR frame (n, H, W, 3) of a video; None if unreadable (the dataset reports it)."""
     try:
         cap, n = _open(path)
         return np.stack(list(_decode(cap, path, list(range(n)), seek=False).values()))
@@ -430,42 +427,48 @@ def _decode_all(path):
 
 def _probe(path, min_frames):
     """'' for a sound file, else a report line: unreadable, fewer frames than the container claims,
-    a seek that misses its frame (the middle one read both ways; such files decode from frame 0,
-    slowly), too short."""
+    missed seeks (the middle frame read both ways; such files decode from 0, slowly), too short."""
     try:
         cap, n = _open(path)
         count = sum(1 for _ in iter(cap.grab, False))  # the frames that decode
-        ref, sought = (_decode(_open(path)[0], path, [n // 2], seek)[n // 2] for seek in (False, True))
+        ref, sought = (_decode(_open(path)[0], path, [n // 2], seek)[n // 2]
+                       for seek in (False, True))
     except VideoReadError as e:
         return f'UNREADABLE {e}'
     if count < n:  # (a seek past the real end misses too: this says why)
-        return f'TRUNCATED  {path}: the container claims {n} frames, {count} decode; the last one repeats'
+        return (f'TRUNCATED  {path}: the container claims {n} frames, {count} decode; '
+                f'the last one repeats')
     if str(path) in _SEEK_UNSAFE or not np.array_equal(sought, ref):
-        return (f'SEEK       {path}: seeking misses frames, so its clips decode from frame 0 (slow); '
-                f're-encode it at a constant frame rate')
+        return (f'SEEK       {path}: seeking misses frames, so its clips decode from frame 0 '
+                f'(slow); re-encode it at a constant frame rate')
     if count < min_frames:
         return f'SHORT      {path}: {count} frames < {min_frames}; frames repeat'
     return ''
 
 
 def main():
-    ap = argparse.ArgumentParser(description='Report unreadable, truncated and short videos, and class counts.')
+    ap = argparse.ArgumentParser(
+        description='Report unreadable, truncated and short videos, and class counts.')
     ap.add_argument('--check', metavar='DATA_PATH', required=True)
     ap.add_argument('--data_set', choices=['UCF101', 'HMDB51', 'list', 'folder', 'demo'])
     ap.add_argument('--split', type=int, default=1)
-    ap.add_argument('--min_frames', type=int, default=64, help='num_frames x sampling_rate of the runs')
+    ap.add_argument('--min_frames', type=int, default=64,
+                    help='num_frames x sampling_rate of the runs')
     args = ap.parse_args()
-    sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train') for name in ('train', 'test')}
+    sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train')
+            for name in ('train', 'test')}
     if sets['train'] == sets['test']:  # one list or folder
         sets = {'all': sets['train']}
     paths = sorted({p for samples, _ in sets.values() for p, _ in samples})
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
         reports = [r for r in pool.map(lambda p: _probe(p, args.min_frames), paths) if r]
     bad = sum(r.startswith('UNREADABLE') for r in reports)
-    print(*reports, f'{len(paths)} files: {bad} unreadable, {len(reports) - bad} other findings', sep='\n')
+    print(*reports, f'{len(paths)} files: {bad} unreadable, {len(reports) - bad} other findings',
+          sep='\n')
     for name, (samples, classes) in sets.items():
         counts = sorted(Counter(label for _, label in samples).items())
-        print(f'{name}: {len(samples)} videos;', ', '.join(f'{classes[c] if c >= 0 else c} {k}' for c, k in counts))
+        per_class = ', '.join(f'{classes[c] if c >= 0 else c} {k}' for c, k in counts)
+        print(f'{name}: {len(samples)} videos;', per_class)
     sys.exit(1 if bad else 0)
 
 
