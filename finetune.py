@@ -4,9 +4,10 @@ paper).
     python finetune.py       # the demo: from the demo's pre-training if there is one
     torchrun --nproc_per_node=8 finetune.py --data_path UCF-101 --data_set UCF101 --model base \
         --finetune runs/pretrain-UCF101/checkpoint-latest.pth
-    python finetune.py --eval --finetune model.pth --data_path ...   # test only: top-1, top-5, mean class accuracy
-    python finetune.py --knn --finetune model.pth                    # score the frozen encoder by k-NN
-    python finetune.py --predict a.avi b.mp4 --finetune model.pth    # each video's top-5 classes, by name
+    python finetune.py --eval --finetune model.pth --data_path ...  # test only: top-1, top-5 and
+                                                                    # mean class accuracy
+    python finetune.py --knn --finetune model.pth                   # score the frozen encoder: k-NN
+    python finetune.py --predict a.avi b.mp4 --finetune model.pth   # each video's top-5 class names
 
 Each step augments the clips (RandAugment, random erasing in the data workers; mixup or CutMix
 here), classifies them from the mean of the encoder's tokens, and descends the cross-entropy with
@@ -30,21 +31,21 @@ import evaluate
 import model as models
 from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
 
-# The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data
-# set>/..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are
-# run_class_finetuning.py's defaults), chosen as in pretrain.py.
+# The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/
+# ..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are run_class_finetuning.py's
+# defaults), chosen as in pretrain.py.
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
-            warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
-            drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5,
-            test_num_crop=3, aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0,
-            crop_scale=(0.08, 1.0), in_memory=False)  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs
-UCF101 = {**K400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50,
-          "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}  # ucf101/..._epoch_3200, for 8 GPUs
+            warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10,
+            layer_decay=0.75, drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d",
+            test_num_segment=5, test_num_crop=3, aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25,
+            mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0), in_memory=False)
+UCF101 = {**K400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2,
+          "save_ckpt_freq": 50, "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
 RECIPES = {
-    "K400": K400,
-    "SSv2": {**K400, "epochs": 50, "blr": 5e-4, "no_flip": True, "sampling": "segment",  # ssv2/..._epoch_800
-             "test_num_segment": 2},
-    "UCF101": UCF101,
+    "K400": K400,  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs
+    "SSv2": {**K400, "epochs": 50, "blr": 5e-4, "no_flip": True, "sampling": "segment",
+             "test_num_segment": 2},  # ssv2/..._epoch_800
+    "UCF101": UCF101,  # ucf101/..._epoch_3200, for 8 GPUs
     "HMDB51": UCF101,  # no script: the UCF101 script's values, the closest released recipe
 }
 # The demo: its classes name directions (no flips); its one object must stay in view (larger
@@ -52,18 +53,20 @@ RECIPES = {
 # pre-trained start at 42% on validation videos of another seed, 73% without; 91% and 90% from
 # scratch): 6 classes learnt in minutes.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=35,
-            warmup_epochs=3, blr=1.6e-2, num_sample=2, save_ckpt_freq=10, layer_decay=1.0, drop_path=0.1,
-            no_flip=True, in_memory=True, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, crop_scale=(0.4, 1.0))
+            warmup_epochs=3, blr=1.6e-2, num_sample=2, save_ckpt_freq=10, layer_decay=1.0,
+            drop_path=0.1, no_flip=True, in_memory=True, aa="none", reprob=0.0, mixup=0.0,
+            cutmix=0.0, crop_scale=(0.4, 1.0))
 DEMO_PRETRAINED = "runs/pretrain-demo/checkpoint-latest.pth"
-SIZE_KEYS = ("model", "input_size", "num_frames", "sampling_rate")  # taken from a checkpoint when not given
+SIZE_KEYS = ("model", "input_size", "num_frames", "sampling_rate")  # a checkpoint's, unless given
 
 
 def parse_args(argv=None):
     parser = engine.common_parser(__doc__, RECIPES, DEMO)
     arg = parser.add_argument
     arg("--nb_classes", type=int, help="number of classes (default: from the data)")
-    arg("--finetune", help="initial weights: this project's, the reference's or HuggingFace's checkpoint; "
-                           "'none' trains from scratch (default: the demo pre-training, for the demo set)")
+    arg("--finetune", help="initial weights: this project's, the reference's or HuggingFace's "
+                           "checkpoint; 'none' trains from scratch (default: the demo "
+                           "pre-training, for the demo set)")
     arg("--layer_decay", type=float, help="layer-wise lr decay (K400 0.75, UCF101 0.7)")
     arg("--drop_path", type=float, help="stochastic depth rate (K400 0.1, UCF101 0.2)")
     arg("--head_drop_rate", "--fc_drop_rate", dest="head_drop_rate", type=float,
@@ -72,21 +75,26 @@ def parse_args(argv=None):
     arg("--mixup", type=float, help="mixup alpha; 0 = off (paper 0.8, demo 0)")
     arg("--cutmix", type=float, help="cutmix alpha; 0 = off (paper 1.0, demo 0)")
     arg("--mixup_prob", type=float, default=1.0, help="probability of mixing a batch")
-    arg("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
+    arg("--mixup_switch_prob", type=float, default=0.5,
+        help="probability of cutmix instead of mixup")
     arg("--aa", help="RandAugment policy, or 'none' (paper rand-m7-n4-mstd0.5-inc1, demo none)")
     arg("--reprob", type=float, help="random erasing probability (paper 0.25, demo 0)")
     arg("--crop_scale", type=float, nargs=2,
         help="area share of a training crop, min and max (paper 0.08 1, demo 0.4 1)")
     arg("--no_flip", action="store_true", default=None,
-        help="no horizontal flip, for classes that name a direction (default: flip, but not for SSv2 or the demo)")
-    arg("--sampling", choices=["i3d", "segment"], help="frame sampling: i3d (UCF/HMDB/K400), segment (SSv2)")
+        help="no horizontal flip, for classes that name a direction (default: flip, but not for "
+             "SSv2 or the demo)")
+    arg("--sampling", choices=["i3d", "segment"],
+        help="frame sampling: i3d (UCF/HMDB/K400), segment (SSv2)")
     arg("--test_num_segment", type=int, help="clips per test video (K400 5, SSv2 2)")
     arg("--test_num_crop", type=int, help="crops per test clip (3)")
     arg("--eval", action="store_true", help="only test the weights of --finetune or --resume")
-    arg("--knn", action="store_true", help="only score the frozen encoder of --finetune by k-NN (k 20, cosine "
-                                           "similarity of mean-pooled features) from the training to the test videos")
-    arg("--predict", nargs="+", metavar="VIDEO", help="print the top-5 classes of each video (multi-view test) "
-                                                       "with the weights of --finetune; needs no data set")
+    arg("--knn", action="store_true",
+        help="only score the frozen encoder of --finetune by k-NN (k 20, cosine similarity of "
+             "mean-pooled features) from the training to the test videos")
+    arg("--predict", nargs="+", metavar="VIDEO",
+        help="print the top-5 classes of each video (multi-view test) with the weights of "
+             "--finetune; needs no data set")
     args = engine.finish_args(parser, argv, RECIPES, DEMO)
     if (args.eval or args.predict) and (args.finetune or args.resume) in (None, "none"):
         mode = "predict" if args.predict else "eval"
@@ -108,38 +116,39 @@ def main(argv=None):
     args = parse_args(argv)
     if args.predict:
         return predict(args, engine.Context(args))
-    ctx = engine.setup(args)  # this process (torchrun's rank, device), the lr for this batch size, the seed
+    ctx = engine.setup(args)  # process (torchrun's rank, device), the batch size's lr, the seed
     train_samples, test_samples, classes = labelled_samples(args)
-    resuming = None if args.eval or args.knn else engine.resume_path(args)  # its weights replace any others
+    # The checkpoint to resume: its weights replace any others.
+    resuming = None if args.eval or args.knn else engine.resume_path(args)
     weights = None if resuming else initial_weights(args)
     net, _ = build_classifier(args, weights, ctx, resuming)
     if args.knn or args.eval:
         return score_only(net, train_samples, test_samples, classes, args, ctx)
 
-    # The videos, augmented per clip in the data workers (RandAugment, random erasing, flips,
-    # crops).
+    # Videos augmented per clip in the data workers (RandAugment, random erasing, flips, crops).
     augment = functools.partial(augment_clip, aa=parse_aa(args.aa), reprob=args.reprob)
-    train_set = data.VideoDataset(train_samples, "train", args.num_frames, args.sampling_rate, args.input_size,
-                                  num_sample=args.num_sample, sampling=args.sampling, flip=not args.no_flip,
-                                  augment=augment, crop_scale=args.crop_scale, seed=args.seed,
-                                  in_memory=args.in_memory)
+    train_set = data.VideoDataset(
+        train_samples, "train", args.num_frames, args.sampling_rate, args.input_size,
+        num_sample=args.num_sample, sampling=args.sampling, flip=not args.no_flip, augment=augment,
+        crop_scale=args.crop_scale, seed=args.seed, in_memory=args.in_memory)
     test_set = test_dataset(test_samples, args, args.test_num_segment, args.test_num_crop, args.in_memory)
     val_set = test_dataset(test_samples, args, 1, 1)  # one centre clip per video, after each epoch
     val_set.frames = test_set.frames  # the same videos: decoded once when held in memory
     loader, sampler = engine.make_loader(train_set, args, ctx, train=True)
 
-    # AdamW with layer-wise lr decay: blocks near the input, which pre-training taught most,
-    # move least.
+    # AdamW, layer-wise lr decay: blocks near the input, which pre-training taught most, move least.
     groups = engine.param_groups(net, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-    run = engine.Run(args, ctx, net, optimizer, train_set)  # the output folder; resumes from its newest checkpoint
-    model = engine.wrap(net, args, ctx)  # compiled (--compile), DistributedDataParallel under torchrun
+    # The output folder; the run resumes from its newest checkpoint.
+    run = engine.Run(args, ctx, net, optimizer, train_set)
+    model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel by torchrun
 
     for epoch in range(run.start_epoch, args.epochs):
         generator = engine.start_epoch(epoch, sampler, args, ctx)  # mixup and cutmix draw from it
-        meter = engine.Meter(run, epoch, loader)  # progress bar, loss, clips/s, damaged videos, finite check
+        # The progress bar, loss, clips/s, damaged videos and the check that the loss is finite.
+        meter = engine.Meter(run, epoch, loader)
         for step, batches in meter.steps():
-            lr = run.set_lr(engine.lr_at(epoch + step / meter.num_steps, args))  # warmup, then cosine
+            lr = run.set_lr(engine.lr_at(epoch + step / meter.num_steps, args))  # warmup + cosine
             for video, labels, last in batches:  # video (B, 3, T, H, W), ImageNet-normalised
                 video, target = mix(video, labels, args.nb_classes, args, generator)  # soft targets
                 with engine.gradient_sync(model, last), engine.autocast(args, ctx):
@@ -193,9 +202,9 @@ def build_classifier(args, weights, ctx, resuming=None):
     if inherited:
         vars(args).update(inherited)
         ctx.print("from the checkpoint's config: " + ", ".join(f"--{k} {v}" for k, v in inherited.items()))
-    net = models.build_model("finetune", args.model, num_classes=args.nb_classes, img_size=args.input_size,
-                             num_frames=args.num_frames, drop_path_rate=args.drop_path,
-                             head_drop_rate=args.head_drop_rate)
+    net = models.build_model("finetune", args.model, num_classes=args.nb_classes,
+                             img_size=args.input_size, num_frames=args.num_frames,
+                             drop_path_rate=args.drop_path, head_drop_rate=args.head_drop_rate)
     net.grad_checkpointing = args.grad_ckpt
     if weights:
         ctx.print(f"initial weights: {weights}")
@@ -206,16 +215,17 @@ def build_classifier(args, weights, ctx, resuming=None):
 
 
 def score_only(net, train_samples, test_samples, classes, args, ctx):
-    """--knn (the frozen encoder by k-NN) or --eval (the multi-view test); lines appended to the
-    folder's log."""
+    """--knn (the frozen encoder by k-NN) or --eval (the multi-view test), appended to the log."""
     run = engine.Run(args, ctx, net, None)
     if args.knn:
         scores = evaluate.knn_probe(net, train_samples, test_samples, args, ctx)
-        ctx.print(f"k-NN (k {scores['k']}) from {len(train_samples)} training videos to {scores['num_videos']} "
-                  f"test videos: top-1 {scores['top1']:.2%}, top-5 {scores['top5']:.2%}")
+        ctx.print(f"k-NN (k {scores['k']}) from {len(train_samples)} training videos to "
+                  f"{scores['num_videos']} test videos: top-1 {scores['top1']:.2%}, "
+                  f"top-5 {scores['top5']:.2%}")
         run.log({"knn": scores})
     else:
-        test_set = test_dataset(test_samples, args, args.test_num_segment, args.test_num_crop, args.in_memory)
+        test_set = test_dataset(test_samples, args, args.test_num_segment, args.test_num_crop,
+                                args.in_memory)
         evaluate.multi_view_test(net, test_set, args, ctx, run, classes)
     run.close()
 
@@ -227,25 +237,30 @@ def predict(args, ctx):
     weights = args.finetune or args.resume
     head = canonical_weights(read_file(weights)).get("head.bias")
     if head is None:
-        sys.exit(f"{weights} has no classification head (a pre-training checkpoint): fine-tune it first, "
-                 f"python finetune.py --finetune {weights} --data_path YOUR_DATA, then predict with that checkpoint")
+        sys.exit(f"{weights} has no classification head (a pre-training checkpoint): "
+                 f"fine-tune it first, python finetune.py --finetune {weights} "
+                 f"--data_path YOUR_DATA, then predict with that checkpoint")
     args.nb_classes = len(head)
     net, saved = build_classifier(args, weights, ctx)
     net.eval()
     names = saved.get("classes") or []
-    dataset = test_dataset([(video, -1) for video in args.predict], args, args.test_num_segment, args.test_num_crop)
+    videos = [(video, -1) for video in args.predict]
+    dataset = test_dataset(videos, args, args.test_num_segment, args.test_num_crop)
     records = []
     for i, video in enumerate(args.predict):
         try:
-            views = torch.from_numpy(dataset._load(i))  # (V, T, H, W, 3); raises where __getitem__ substitutes
+            views = torch.from_numpy(dataset._load(i))  # (V, T, H, W, 3); raises, never substitutes
         except data.VideoReadError as error:
             ctx.print(f"{error}; skipped")
             records.append({"video": video, "error": str(error)})
             continue
         with torch.no_grad(), engine.autocast(args, ctx):
-            logits = torch.cat([net(data.normalize(v.to(ctx.device))) for v in views.split(args.batch_size)])
-        top = logits.float().softmax(-1).mean(0).topk(min(5, args.nb_classes))  # the views' probabilities averaged
-        top5 = [[evaluate.class_name(names, c), p] for p, c in zip(top.values.tolist(), top.indices.tolist())]
+            logits = torch.cat([net(data.normalize(v.to(ctx.device)))
+                                for v in views.split(args.batch_size)])
+        probs = logits.float().softmax(-1).mean(0)  # the views' probabilities averaged
+        top = probs.topk(min(5, args.nb_classes))
+        top5 = [[evaluate.class_name(names, c), p]
+                for p, c in zip(top.values.tolist(), top.indices.tolist())]
         ctx.print(f"{video}: " + ", ".join(f"{name} {p:.1%}" for name, p in top5))
         records.append({"video": video, "top5": top5})
     path = os.path.join(args.output_dir, "predictions.jsonl")
@@ -258,9 +273,8 @@ def predict(args, ctx):
 # ----------------------------------------------------------------- mixup / cutmix with soft targets
 
 def mix(video, labels, num_classes, args, gen):
-    """Mixup or CutMix over the batch (partner = the batch reversed), with label-smoothed soft
-    targets. CutMix cuts the same box out of every frame. Returns (video, targets (B, num_classes)
-    summing to one)."""
+    """Mixup or CutMix (one box, cut out of every frame) of the batch with itself reversed, and
+    label-smoothed soft targets. Returns (video, targets (B, num_classes) summing to one)."""
     off = args.smoothing / num_classes
     target = torch.full((len(labels), num_classes), off, device=video.device)
     target.scatter_(1, labels[:, None], 1.0 - args.smoothing + off)
@@ -297,12 +311,12 @@ def soft_cross_entropy(logits, target):
 
 # ------------------------------------------------------------- per-clip augmentation (data workers)
 
-_FILL = (128, 128, 128)  # border fill of the geometric ops: timm's default, as the reference passes no img_mean
+_FILL = (128, 128, 128)  # geometric ops' border: timm's default, as the reference gives no img_mean
 
-# timm's RandAugment ops in the reference's order (rand_augment.py, _RAND_INCREASING_TRANSFORMS
-# with -inc1)
-RAND_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
-            "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+# timm's RandAugment ops in the order of rand_augment.py's _RAND_INCREASING_TRANSFORMS (-inc1)
+RAND_OPS = ("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add",
+            "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x",
+            "translate_y")
 LOOKUP_OPS = ("autocontrast", "equalize", "invert", "solarize", "solarize_add", "posterize")
 ENHANCE_OPS = ("color", "contrast", "brightness", "sharpness")
 
@@ -314,15 +328,14 @@ def parse_aa(aa):
         return None
     m = re.fullmatch(r"rand-m([\d.]+)-n(\d+)(?:-mstd([\d.]+))?(-inc1)?", aa)
     if not m:
-        raise ValueError(f"--aa {aa!r}: expected rand-m<M>-n<N>[-mstd<S>][-inc1], e.g. rand-m7-n4-mstd0.5-inc1, "
-                         f"or none")
+        raise ValueError(f"--aa {aa!r}: expected rand-m<M>-n<N>[-mstd<S>][-inc1], "
+                         f"e.g. rand-m7-n4-mstd0.5-inc1, or none")
     return float(m[1]), int(m[2]), float(m[3] or 0), bool(m[4])
 
 
 def augment_clip(view, rng, aa, reprob):
-    """The reference's per-clip fine-tuning augmentation, in its order: RandAugment (aa from
-    parse_aa), then random erasing with probability reprob. In place, on a uint8 (T, H, W, 3) crop
-    (VideoDataset's augment)."""
+    """VideoDataset's augment, in place on a uint8 (T, H, W, 3) crop: the reference's per-clip
+    fine-tuning augmentation, RandAugment (aa from parse_aa) then random erasing at rate reprob."""
     if aa:
         view[:] = rand_augment(view, rng, *aa)
     if rng.random() < reprob:
@@ -349,37 +362,38 @@ def augment_op(clip, op, mag, sign=1, inc=True):
     T, H, W, _ = clip.shape
     img = clip.reshape(T * H, W, 3)  # frames stacked vertically: per-pixel ops in one OpenCV call
     if op in LOOKUP_OPS:
-        lut = np.clip(_lookup_table(img, op, mag, inc) * np.ones(3), 0, 255).astype(np.uint8)  # (256, 3)
-        img = cv2.LUT(img, lut[:, None, :])
+        lut = np.clip(_lookup_table(img, op, mag, inc) * np.ones(3), 0, 255).astype(np.uint8)
+        img = cv2.LUT(img, lut[:, None, :])  # lut (256, 3)
     elif op in ENHANCE_OPS:  # PIL ImageEnhance: blend with a degenerate image
         if inc:
             factor = 1 + sign * 0.9 * mag  # timm: 1 +- 0.9 level / 10
         else:
             factor = 0.1 + 1.8 * mag  # timm: 0.1 + 1.8 level / 10
         img = cv2.addWeighted(img, factor, _degenerate(img, op, T), 1 - factor, 0)
-    else:  # geometric, as inverse maps (output pixel -> input pixel), PIL's convention; bicubic, grey border
+    else:  # geometric, as inverse maps (output pixel -> input pixel), PIL's convention
         s, t = sign * 0.3 * mag, sign * 0.45 * mag
         matrices = {"rotate": cv2.getRotationMatrix2D((W / 2, H / 2), sign * 30 * mag, 1),
                     "shear_x": [[1, s, 0], [0, 1, 0]], "shear_y": [[1, 0, 0], [s, 1, 0]],
-                    "translate_x": [[1, 0, t * W], [0, 1, 0]], "translate_y": [[1, 0, 0], [0, 1, t * H]]}
+                    "translate_x": [[1, 0, t * W], [0, 1, 0]],
+                    "translate_y": [[1, 0, 0], [0, 1, t * H]]}
         M = np.float32(matrices[op])
-        flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
-        frames = [cv2.warpAffine(f, M, (W, H), flags=flags, borderValue=_FILL) for f in img.reshape(T, H, W, 3)]
+        flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP  # bicubic; a grey border
+        frames = [cv2.warpAffine(f, M, (W, H), flags=flags, borderValue=_FILL)
+                  for f in img.reshape(T, H, W, 3)]
         img = np.concatenate(frames)
     return img.reshape(T, H, W, 3)
 
 
 def _lookup_table(img, op, mag, inc):
-    """The value map (256, 1) or (256, 3) of a per-pixel op, from the clip's statistics where it
-    needs them."""
+    """Value map (256, 1) or (256, 3) of a per-pixel op, from the clip's statistics if needed."""
     v = np.arange(256)[:, None]
     if op == "autocontrast":
         lo, hi = img.min((0, 1)).astype(float), img.max((0, 1)).astype(float)
         return np.where(hi > lo, (v - lo) * 255 / np.maximum(hi - lo, 1), v)
-    if op == "equalize":  # PIL ImageOps.equalize on the clip's histogram
-        hist = np.stack([np.bincount(img[..., c].ravel(), minlength=256) for c in range(3)], 1)  # (256, 3)
-        last = hist[[np.flatnonzero(hist[:, c])[-1] for c in range(3)], range(3)]  # the top value's count
-        step = (hist.sum(0) - last) // 255
+    if op == "equalize":  # PIL ImageOps.equalize on the clip's histogram, hist (256, 3)
+        hist = np.stack([np.bincount(img[..., c].ravel(), minlength=256) for c in range(3)], 1)
+        last = hist[[np.flatnonzero(hist[:, c])[-1] for c in range(3)], range(3)]
+        step = (hist.sum(0) - last) // 255  # last: the count of each channel's top value
         cum = np.vstack([np.zeros((1, 3), int), np.cumsum(hist, 0)[:-1]])
         return np.where(step > 0, (step // 2 + cum) // np.maximum(step, 1), v)
     if op == "invert":
@@ -409,11 +423,11 @@ def _degenerate(img, op, T):
 
 def random_erase(clip, rng):
     """The reference's RandomErasing (timm's, mode "pixel", area 2%-1/3, aspect 0.3-3.3, up to 100
-    draws for a box smaller than the frame) with cube=True: one box for every frame, filled with
-    per-pixel noise N(0, 1) in normalised space, here ImageNet mean + std * z quantised to uint8. In
-    place."""
+    draws for a box smaller than the frame) with cube=True, in place: one box for all frames, filled
+    with per-pixel noise N(0, 1) in normalised space, here ImageNet mean + std * z as uint8."""
     T, H, W, _ = clip.shape
-    box = data.resized_crop_box(H, W, rng, (0.02, 1 / 3), (0.3, 1 / 0.3), tries=100, largest=(H - 1, W - 1))
+    box = data.resized_crop_box(H, W, rng, (0.02, 1 / 3), (0.3, 1 / 0.3), tries=100,
+                                largest=(H - 1, W - 1))
     if box:
         x, y, w, h = box
         z = rng.standard_normal((T, h, w, 3))
