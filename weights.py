@@ -1,11 +1,11 @@
 """Weights and checkpoints in and out: the checkpoints people already have, a run's own folder, and
 the export to HuggingFace's layout.
 
-load_checkpoint     weights of this project, of the reference code (pre-training or fine-tuned) or of
-                    HuggingFace, into a VideoMAE or a VideoViT, with a shape check per tensor.
+load_checkpoint     weights of this project, of the reference code (pre-training or fine-tuned) or
+                    of HuggingFace, into a VideoMAE or a VideoViT, with a shape check per tensor.
 RunFolder           a training run's log and checkpoints, and resuming from the newest one.
-export_huggingface  the inverse of load_checkpoint: config.json and model.safetensors for transformers.
-atomic_write        every file this project writes goes through it: a killed run never leaves half a file.
+export_huggingface  load_checkpoint's inverse: config.json and model.safetensors for transformers.
+atomic_write        every file written here goes through it: a killed run never leaves half a file.
 
     python weights.py --export runs/finetune-demo/checkpoint-latest.pth runs/finetune-demo/hf
 """
@@ -94,7 +94,8 @@ def _convert(sd, to_hf):
                 out[stem + name] = part.contiguous()
         elif not to_hf and key.endswith(_HF_QKV[0]):
             stem = key.removesuffix(_HF_QKV[0])
-            out[_rename(stem, to_hf) + "attn.qkv.weight"] = torch.cat([sd[stem + name] for name in _HF_QKV])
+            qkv = torch.cat([sd[stem + name] for name in _HF_QKV])
+            out[_rename(stem, to_hf) + "attn.qkv.weight"] = qkv
         elif to_hf or not key.endswith(_HF_QKV[1:]):
             out[_rename(key, to_hf)] = value.contiguous()
     return out
@@ -103,13 +104,13 @@ def _convert(sd, to_hf):
 # ------------------------------------------------------------------------------------------ reading
 
 def canonical_weights(ckpt):
-    """The weights of a checkpoint in any known format, named as in the reference's pre-training
-    checkpoint (encoder weights under 'encoder.'). Fixed positions are dropped: they are rebuilt,
-    never loaded."""
-    # weights under 'model' (this project, reference pre-training), 'module' (reference
-    # fine-tuning), 'state_dict'
-    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
-    sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v for k, v in sd.items() if torch.is_tensor(v)}
+    """A checkpoint's weights in any known format, named as in the reference's pre-training
+    checkpoint (encoder weights under 'encoder.'); fixed positions dropped: rebuilt, not loaded."""
+    # 'model' (this project, the reference's pre-training), 'module' (its fine-tuning), 'state_dict'
+    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)),
+              ckpt)
+    sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v
+          for k, v in sd.items() if torch.is_tensor(v)}
     if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
         sd = _convert(sd, to_hf=False)
     own_prefixes = ("encoder.", "fc_norm.", "head.") + _DECODER_KEYS
@@ -125,7 +126,8 @@ def read_file(path):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise RuntimeError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
+            raise RuntimeError(
+                f"{path}: reading .safetensors needs `pip install safetensors`") from None
         return load_file(str(path))
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
@@ -141,8 +143,7 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     names) and fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights
     (pytorch_model.bin, model.safetensors). A pre-training checkpoint fills a VideoViT's encoder
     (its decoder is ignored, fc_norm and head start fresh); a head of another class count is
-    dropped. Any other shape mismatch is an error naming the tensor.
-"""
+    dropped. Any other shape mismatch is an error naming the tensor."""
     from_file = not isinstance(path_or_state_dict, dict)
     ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
@@ -152,17 +153,20 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     if isinstance(model, VideoViT):
         if any(k.startswith(_DECODER_KEYS) for k in sd):
             notes.append("pre-training decoder ignored")
-        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if not k.startswith(_DECODER_KEYS)}
+        sd = {k.removeprefix("encoder."): v
+              for k, v in sd.items() if not k.startswith(_DECODER_KEYS)}
         sd.pop("norm.weight", None)  # mean pooling uses fc_norm, not the final norm
         sd.pop("norm.bias", None)
-    if "head.weight" in sd and "head.weight" in own and sd["head.weight"].shape != own["head.weight"].shape:
+    if ("head.weight" in sd and "head.weight" in own
+            and sd["head.weight"].shape != own["head.weight"].shape):
         notes.append(f"head for {sd['head.weight'].shape[0]} classes dropped "
                      f"(model has {own['head.weight'].shape[0]})")
         del sd["head.weight"], sd["head.bias"]
     for key, value in sd.items():
         if key in own and value.shape != own[key].shape:
-            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(value.shape)} but the model expects "
-                             f"{tuple(own[key].shape)}; was it saved from another model size (--model)?")
+            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(value.shape)} but the "
+                             f"model expects {tuple(own[key].shape)}; was it saved from another "
+                             f"model size (--model)?")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if not set(own) & set(sd):
@@ -185,14 +189,13 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
 # -------------------------------------------------------------------------- a training run's folder
 
 CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
-          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, when the log has it
+          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, if logged
 
 
 class RunFolder:
-    """A training run's output folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth and
-    curves.png. An epoch is logged before its checkpoint is written: whenever a run is killed, the
-    log holds every epoch of the newest checkpoint, and a resume drops the lines past it. Only the
-    main process writes."""
+    """A training run's folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth, curves.png.
+    An epoch is logged before its checkpoint: if a run is killed, the log holds every epoch of the
+    newest checkpoint; a resume drops the lines past it. Only the main process writes."""
 
     def __init__(self, output_dir, main=True):
         self.dir, self.main = output_dir, main
@@ -206,8 +209,7 @@ class RunFolder:
         return self.latest if os.path.exists(self.latest) else None
 
     def restore(self, path, net, optimizer, scaler):
-        """Load a training checkpoint into the model, optimizer and loss scaler; returns the epoch
-        to start at."""
+        """Load a checkpoint into model, optimizer and scaler; returns the epoch to start at."""
         ckpt = read_file(path)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -215,9 +217,8 @@ class RunFolder:
         return ckpt["epoch"] + 1
 
     def start(self, config, start_epoch=None):
-        """A training run begins here, fresh (start_epoch None) or resumed: half-written files of a
-        killed run go, and so do the log's lines of epochs past the checkpoint (they are run, and
-        logged, again)."""
+        """A run begins, fresh (start_epoch None) or resumed: a killed run's half-written files go,
+        and so do the log's lines of epochs past the checkpoint (run and logged again)."""
         if not self.main:
             return
         os.makedirs(self.dir, exist_ok=True)
@@ -250,7 +251,8 @@ class RunFolder:
         """curves.png: one panel for each figure of CURVES that the log holds, against the epoch."""
         if not self.main:
             return
-        records = [r for r in map(json.loads, Path(self.log_path).read_text().splitlines()) if "epoch" in r]
+        lines = Path(self.log_path).read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if "epoch" in r]
         panels = []
         for key, title in CURVES.items():
             points = [(r["epoch"], r[key]) for r in records if key in r]
@@ -260,8 +262,7 @@ class RunFolder:
 
 
 def _logged_epoch(line):
-    """The epoch of a log line; -1 for other lines; inf for half a line (a killed write), which is
-    dropped."""
+    """A log line's epoch: -1 for other lines, inf for half a line (a killed write; dropped)."""
     try:
         return json.loads(line).get("epoch", -1)
     except json.JSONDecodeError:
@@ -271,8 +272,9 @@ def _logged_epoch(line):
 # ------------------------------------------------------------------ writing: the HuggingFace layout
 
 # A preset's sizes -> the names of HuggingFace's config.json.
-_HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
-             "decoder_embed_dim": "decoder_hidden_size", "decoder_depth": "decoder_num_hidden_layers",
+_HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers",
+             "num_heads": "num_attention_heads", "decoder_embed_dim": "decoder_hidden_size",
+             "decoder_depth": "decoder_num_hidden_layers",
              "decoder_num_heads": "decoder_num_attention_heads"}
 
 
@@ -286,9 +288,11 @@ def checkpoint_config(path):
     hf = json.loads(beside.read_text())
     labels = hf.get("id2label", {})
     presets = [name for name, sizes in PRESETS.items()
-               if all(hf.get(_HF_SIZES[k]) == sizes[k] for k in ("embed_dim", "depth", "num_heads"))]
+               if all(hf.get(_HF_SIZES[k]) == sizes[k]
+                      for k in ("embed_dim", "depth", "num_heads"))]
     config = {"model": presets[0] if presets else None, "input_size": hf.get("image_size"),
-              "num_frames": hf.get("num_frames"), "classes": [labels[str(i)] for i in range(len(labels))]}
+              "num_frames": hf.get("num_frames"),
+              "classes": [labels[str(i)] for i in range(len(labels))]}
     return {k: v for k, v in config.items() if v}
 
 
@@ -300,7 +304,8 @@ def export_huggingface(path, out_dir):
     config = checkpoint_config(path)
     sd = canonical_weights(read_file(path))
     width = sd["encoder.patch_embed.proj.weight"].shape[0]
-    preset = config.get("model") or next((name for name, p in PRESETS.items() if p["embed_dim"] == width), "base")
+    by_width = (name for name, p in PRESETS.items() if p["embed_dim"] == width)
+    preset = config.get("model") or next(by_width, "base")
     classifier = "head.weight" in sd
     img_size = config.get("input_size", 224)
     num_frames = config.get("num_frames", 16)
@@ -309,20 +314,24 @@ def export_huggingface(path, out_dir):
         net = build_model("finetune", preset, img_size=img_size, num_frames=num_frames,
                           num_classes=len(sd["head.bias"]))
     else:
-        net = build_model("pretrain", preset, img_size=img_size, num_frames=num_frames, norm_pix_loss=norm_pix_loss)
+        net = build_model("pretrain", preset, img_size=img_size, num_frames=num_frames,
+                          norm_pix_loss=norm_pix_loss)
     missing, _ = load_checkpoint(net, sd, verbose=False)  # checks every shape against the preset
     if missing:
-        raise ValueError(f"{path}: lacks {', '.join(missing)}; only a complete model can be exported")
+        raise ValueError(f"{path}: lacks {', '.join(missing)}; "
+                         f"only a complete model can be exported")
     sizes = PRESETS[preset]
     architecture = "VideoMAEForVideoClassification" if classifier else "VideoMAEForPreTraining"
-    hf = dict(architectures=[architecture], model_type="videomae", image_size=img_size, num_frames=num_frames,
-              patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE, intermediate_size=4 * sizes["embed_dim"],
-              layer_norm_eps=1e-6, decoder_intermediate_size=4 * sizes["decoder_embed_dim"],
+    hf = dict(architectures=[architecture], model_type="videomae", image_size=img_size,
+              num_frames=num_frames, patch_size=PATCH_SIZE, tubelet_size=TUBELET_SIZE,
+              intermediate_size=4 * sizes["embed_dim"], layer_norm_eps=1e-6,
+              decoder_intermediate_size=4 * sizes["decoder_embed_dim"],
               norm_pix_loss=norm_pix_loss, use_mean_pooling=classifier)
     hf.update({hf_name: sizes[k] for k, hf_name in _HF_SIZES.items()})
     if classifier:  # classifiers pool into fc_norm; pre-training models end in a layernorm
         names = config.get("classes") or [f"class {i}" for i in range(len(sd["head.bias"]))]
-        hf.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
+        hf.update(id2label=dict(enumerate(names)),
+                  label2id={name: i for i, name in enumerate(names)})
     weights = _convert(canonical_weights(net.state_dict()), to_hf=True)
     try:
         from safetensors.torch import save_file
@@ -340,14 +349,17 @@ def export_huggingface(path, out_dir):
     atomic_write(files[0], lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
     atomic_write(files[1], save)
     classes = f", {len(names)} classes" if classifier else ""
-    print(f"wrote {' and '.join(files)}: {architecture}, {preset}, {img_size} px, {num_frames} frames{classes}")
+    print(f"wrote {' and '.join(files)}: {architecture}, {preset}, {img_size} px, "
+          f"{num_frames} frames{classes}")
     return files
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Export a checkpoint in the layout of HuggingFace transformers.")
+    parser = argparse.ArgumentParser(
+        description="Export a checkpoint in the layout of HuggingFace transformers.")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True,
-                        help="write OUT_DIR/config.json and the weights, for from_pretrained(OUT_DIR)")
+                        help="write OUT_DIR/config.json and the weights, "
+                             "for from_pretrained(OUT_DIR)")
     source, out = parser.parse_args().export
     if not os.path.isfile(source):
         parser.error(f"--export {source} is not a file")
