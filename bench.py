@@ -1,7 +1,7 @@
 """How fast VideoMAE trains and loads clips, each figure beside a baseline timed in the same run.
 
-    python bench.py                          # ViT-S, batch 2, 16x224, fp32 on the CPU, then the clip loader
-    python bench.py --dtype bf16             # adds ours bf16 / ours fp32 and a bf16-vs-fp32 loss check
+    python bench.py                          # ViT-S, batch 2, 16x224, CPU fp32, then the data rows
+    python bench.py --dtype bf16             # adds ours bf16 / ours fp32, a bf16-vs-fp32 loss check
     python bench.py --decoder_mask run_cell  # VideoMAE V2 decoder masking against HF's full decoder
     python bench.py --device cuda --model base --batch 32 --dtype bf16 --compile --skip_data
     python bench.py --smoke                  # every row at toy sizes, in well under a minute
@@ -50,8 +50,7 @@ RATE = 4  # sampling rate: frames between a clip's frames
 
 def race(contenders, reps, warmup, sync=lambda: None):
     """Median seconds of each callable, run in turns: `warmup` untimed rounds, then `reps` timed
-    ones. The order rotates every round, so no contender always runs first or right after the same
-    other."""
+    ones; the order rotates each round, so none always runs first or right after the same other."""
     names, times = list(contenders), {k: [] for k in contenders}
     for r in range(warmup + reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -70,8 +69,7 @@ def _status_kb(key):
 
 
 def step_peak_mb(step, device):
-    """Peak memory of one call of `step` above what was allocated before it, in MB; None where not
-    measurable."""
+    """Peak MB of one `step` call above what was allocated before it; None where not measurable."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -81,7 +79,7 @@ def step_peak_mb(step, device):
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     try:
-        ctypes.CDLL(None).malloc_trim(0)  # freed heap pages back to the kernel: resident = live memory
+        ctypes.CDLL(None).malloc_trim(0)  # freed pages back to the kernel: resident = live memory
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # high-water mark := current resident size
         before = _status_kb("VmRSS")
@@ -101,7 +99,8 @@ def with_adamw(net):
 
 def build_ours(args, device):
     torch.manual_seed(0)
-    return with_adamw(models.build_model("pretrain", args.model, img_size=args.size, num_frames=args.frames).to(device))
+    net = models.build_model("pretrain", args.model, img_size=args.size, num_frames=args.frames)
+    return with_adamw(net.to(device))
 
 
 def build_hf(args, device):
@@ -112,11 +111,13 @@ def build_hf(args, device):
         return None
     p = models.PRESETS[args.model]
     config = VideoMAEConfig(
-        image_size=args.size, num_frames=args.frames, patch_size=16, tubelet_size=2, hidden_size=p["embed_dim"],
-        num_hidden_layers=p["depth"], num_attention_heads=p["num_heads"], intermediate_size=4 * p["embed_dim"],
+        image_size=args.size, num_frames=args.frames, patch_size=16, tubelet_size=2,
+        hidden_size=p["embed_dim"], num_hidden_layers=p["depth"],
+        num_attention_heads=p["num_heads"], intermediate_size=4 * p["embed_dim"],
         decoder_hidden_size=p["decoder_embed_dim"], decoder_num_hidden_layers=p["decoder_depth"],
-        decoder_num_attention_heads=p["decoder_num_heads"], decoder_intermediate_size=4 * p["decoder_embed_dim"],
-        norm_pix_loss=True, use_mean_pooling=False, attn_implementation="sdpa")
+        decoder_num_attention_heads=p["decoder_num_heads"],
+        decoder_intermediate_size=4 * p["decoder_embed_dim"], norm_pix_loss=True,
+        use_mean_pooling=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     return with_adamw(VideoMAEForPreTraining(config).to(device))
 
@@ -141,27 +142,40 @@ def row(rows, name, value, target=None, met=None, **numbers):
 
 def ratio_row(rows, name, value, limit, at_least, judged):
     met = (value >= limit if at_least else value <= limit) if judged and limit else None
-    row(rows, name, f"{value:.3g}", limit and f"{'>=' if at_least else '<='} {limit}", met, ratio=value)
+    target = limit and f"{'>=' if at_least else '<='} {limit}"
+    row(rows, name, f"{value:.3g}", target, met, ratio=value)
 
 
 def model_rows(args, device, sync, rows):
     B, T, S, judged = args.batch, args.frames, args.size, not args.smoke
     g = torch.Generator().manual_seed(0)
-    video = data.normalize(torch.randint(0, 256, (B, T, S, S, 3), dtype=torch.uint8, generator=g)).to(device)
+    clips = torch.randint(0, 256, (B, T, S, S, 3), dtype=torch.uint8, generator=g)
+    video = data.normalize(clips).to(device)
     net, opt = build_ours(args, device)
     grid = net.encoder.grid
     mask = masks.tube_mask(B, grid, args.mask_ratio, g).to(device)
-    dmask = masks.running_cell_mask(B, grid, 0.5, g).to(device) if args.decoder_mask == "run_cell" else None
+    run_cell = args.decoder_mask == "run_cell"
+    dmask = masks.running_cell_mask(B, grid, 0.5, g).to(device) if run_cell else None
     ours = torch.compile(net) if args.compile else net
-    dtypes = [args.dtype] + (["fp32"] if args.dtype == "bf16" else [])  # bf16 and fp32 steps share one model
-    steps = {f"ours {d}": train_step(lambda m: ours(video, m, dmask)[0], opt, d, device) for d in dtypes}
+    # bf16 and fp32 steps share one model
+    dtypes = [args.dtype] + (["fp32"] if args.dtype == "bf16" else [])
+    steps = {f"ours {d}": train_step(lambda m: ours(video, m, dmask)[0], opt, d, device)
+             for d in dtypes}
     hf = build_hf(args, device)
     if hf:
-        hf_video, hf_net = video.transpose(1, 2).contiguous(), torch.compile(hf[0]) if args.compile else hf[0]
-        steps[f"HF {args.dtype}"] = train_step(lambda m: hf_net(pixel_values=hf_video, bool_masked_pos=m).loss,
-                                               hf[1], args.dtype, device)
-    n = 8192 if device.type == "cuda" else 512 if args.smoke else 2048
-    mats = {d: torch.randn(2, n, n, device=device, dtype=torch.bfloat16 if d == "bf16" else torch.float32)
+        hf_video = video.transpose(1, 2).contiguous()
+        hf_net = torch.compile(hf[0]) if args.compile else hf[0]
+        steps[f"HF {args.dtype}"] = train_step(
+            lambda m: hf_net(pixel_values=hf_video, bool_masked_pos=m).loss,
+            hf[1], args.dtype, device)
+    if device.type == "cuda":
+        n = 8192
+    elif args.smoke:
+        n = 512
+    else:
+        n = 2048
+    mats = {d: torch.randn(2, n, n, device=device,
+                           dtype=torch.bfloat16 if d == "bf16" else torch.float32)
             for d in dtypes}
     contenders = {f"matmul {d}": (lambda a=a: a[0] @ a[1]) for d, a in mats.items()}
     contenders.update({k: (lambda s=s: s(mask)) for k, s in steps.items()})
@@ -172,7 +186,8 @@ def model_rows(args, device, sync, rows):
         row(rows, f"matmul peak {d} ({n}x{n})", f"{peak[d]:.3f} TFLOP/s", tflops=peak[d])
     n_visible, n_hidden = int((~mask[0]).sum()), int(mask[0].sum())
     n_pred = n_hidden if dmask is None else int((~dmask[0]).sum())
-    flops = {"ours": net.flops_per_clip(n_visible, n_pred), "HF": net.flops_per_clip(n_visible, n_hidden)}
+    flops = {"ours": net.flops_per_clip(n_visible, n_pred),
+             "HF": net.flops_per_clip(n_visible, n_hidden)}
     tag = f"{args.model} {B}x{T}x{S} mask {args.mask_ratio}" + ", compiled" * args.compile
     mem = {}
     for name, step in steps.items():
@@ -180,15 +195,22 @@ def model_rows(args, device, sync, rows):
         peaks = [step_peak_mb(lambda: step(mask), device) for _ in range(min(args.reps, 3))]
         mem[name] = None if None in peaks else statistics.median(peaks)
         tf = flops[who] * B / t[name] / 1e12
-        row(rows, f"step {name} ({tag}, decoder {args.decoder_mask if who == 'ours' else 'full'})",
-            f"{t[name] * 1e3:.0f} ms  {B / t[name]:.2f} clips/s  {tf:.3f} TFLOP/s  MFU {tf / peak[d]:.0%}  peak "
-            + ("n/a" if mem[name] is None else f"+{mem[name]:.0f} MB"),
-            ms=t[name] * 1e3, clips_per_s=B / t[name], tflops=tf, mfu=tf / peak[d], peak_mb=mem[name])
+        decoder = args.decoder_mask if who == "ours" else "full"
+        peak_text = "n/a" if mem[name] is None else f"+{mem[name]:.0f} MB"
+        row(rows, f"step {name} ({tag}, decoder {decoder})",
+            f"{t[name] * 1e3:.0f} ms  {B / t[name]:.2f} clips/s  {tf:.3f} TFLOP/s  "
+            f"MFU {tf / peak[d]:.0%}  peak {peak_text}",
+            ms=t[name] * 1e3, clips_per_s=B / t[name], tflops=tf, mfu=tf / peak[d],
+            peak_mb=mem[name])
 
     ours_hf = f"ours {args.dtype} / HF {args.dtype} step time"
-    limit = 0.60 if dmask is not None else 0.95 if args.dtype == "fp32" and not args.compile else None
     if dmask is not None:
+        limit = 0.60
         ours_hf += " (ours run_cell 0.5, HF full decoder)"
+    elif args.dtype == "fp32" and not args.compile:
+        limit = 0.95
+    else:
+        limit = None
     if not hf:
         for name in (f"step HF {args.dtype} ({tag})", ours_hf, "peak memory ours / HF"):
             row(rows, name, "skipped: pip install transformers")
@@ -198,17 +220,19 @@ def model_rows(args, device, sync, rows):
         if mem[hf_name] is None:
             row(rows, "peak memory ours / HF", "n/a: needs Linux and glibc, or CUDA")
         else:
-            ratio_row(rows, "peak memory ours / HF", mem[ours_name] / mem[hf_name], 1.0, False, judged)
+            ratio_row(rows, "peak memory ours / HF", mem[ours_name] / mem[hf_name], 1.0, False,
+                      judged)
     if args.dtype == "bf16":
-        ratio_row(rows, "ours bf16 / ours fp32 step time", t["ours bf16"] / t["ours fp32"], 0.55, False, judged)
-        ratio_row(rows, "bf16 vs fp32 loss, 5 steps from one init: max |diff| / loss",
-                  loss_gap(args, device, video, [masks.tube_mask(B, grid, args.mask_ratio, g).to(device)
-                                                  for _ in range(5)], dmask), 0.01, False, judged)
+        ratio_row(rows, "ours bf16 / ours fp32 step time", t["ours bf16"] / t["ours fp32"], 0.55,
+                  False, judged)
+        step_masks = [masks.tube_mask(B, grid, args.mask_ratio, g).to(device) for _ in range(5)]
+        gap = loss_gap(args, device, video, step_masks, dmask)
+        ratio_row(rows, "bf16 vs fp32 loss, 5 steps from one init: max |diff| / loss", gap, 0.01,
+                  False, judged)
 
 
 def loss_gap(args, device, video, step_masks, dmask):
-    """Largest relative difference of the losses of two runs from the same init on the same data,
-    fp32 and bf16."""
+    """Largest relative loss gap of an fp32 and a bf16 run from the same init on the same data."""
     curves = []
     for dtype in ("fp32", "bf16"):
         net, opt = build_ours(args, device)
@@ -221,8 +245,8 @@ def write_video(path, rng, num_frames, W, H):
     """Textured shapes bouncing over a textured, slowly panning background, with sensor noise: XVID,
     25 fps."""
     def texture(h, w):
-        blotches = cv2.resize(rng.integers(0, 256, (h // 12 + 2, w // 12 + 2, 3), dtype=np.uint8), (w, h),
-                              interpolation=cv2.INTER_CUBIC)
+        small = rng.integers(0, 256, (h // 12 + 2, w // 12 + 2, 3), dtype=np.uint8)
+        blotches = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
         return np.clip(blotches + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.float32)
     pan = 0.4  # background pixels per frame
     background = texture(H, W + int(pan * num_frames) + 2)
@@ -235,7 +259,8 @@ def write_video(path, rng, num_frames, W, H):
                         float(rng.uniform(0, 180)), 0, 360, 1, -1)
         else:
             cv2.fillPoly(alpha, [rng.integers(0, s, (5, 2), dtype=np.int32)], 1)
-        shapes.append((texture(s, s), alpha[..., None], rng.uniform(0, (W - s, H - s)), rng.uniform(-3, 3, 2)))
+        shapes.append((texture(s, s), alpha[..., None], rng.uniform(0, (W - s, H - s)),
+                       rng.uniform(-3, 3, 2)))
     part = path.with_suffix(".part.avi")
     writer = cv2.VideoWriter(str(part), cv2.VideoWriter_fourcc(*"XVID"), 25, (W, H))
     if not writer.isOpened():
@@ -265,14 +290,14 @@ def bench_videos(folder, count, num_frames, W, H):
 
 
 def reference_clip(path, T, size, rng):
-    """The reference code's pre-training read: decord, PIL crop + bilinear resize per frame, float,
-    normalised."""
+    """The reference's pre-training read: decord, PIL crop + bilinear resize, float, normalised."""
     import decord
     from PIL import Image
     vr = decord.VideoReader(path, num_threads=1)
     frames = vr.get_batch(data.clip_indices(len(vr), "pretrain", T, RATE, rng=rng)[0]).asnumpy()
     x, y, w, h = data.multiscale_crop_box(*frames.shape[1:3], size, rng)
-    crops = [np.asarray(Image.fromarray(f).crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR))
+    box = (x, y, x + w, y + h)
+    crops = [np.asarray(Image.fromarray(f).crop(box).resize((size, size), Image.BILINEAR))
              for f in frames]
     clip = torch.from_numpy(np.stack(crops)).permute(3, 0, 1, 2).float().div(255)  # (3, T, H, W)
     mean, std = (torch.tensor(v).view(3, 1, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
@@ -283,13 +308,14 @@ def data_rows(args, paths, rows):
     T, size, n, judged = args.frames, args.size, len(paths), not args.smoke
     span = (T - 1) * RATE + 1
     torch.set_num_threads(1)  # one thread per contender, as in a DataLoader worker
-    dataset = {k: data.VideoDataset([(p, 0) for p in paths], "pretrain", T, RATE, size, num_sample=k, seed=0)
+    samples = [(p, 0) for p in paths]
+    dataset = {k: data.VideoDataset(samples, "pretrain", T, RATE, size, num_sample=k, seed=0)
                for k in (1, 2)}
     rng = np.random.default_rng(0)
 
     def floor():
-        for p in paths:
-            cap = cv2.VideoCapture(p, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])  # as data.py opens files
+        for p in paths:  # opened as data.py opens files
+            cap = cv2.VideoCapture(p, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
             last_start = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) - span, 0)
             cap.set(cv2.CAP_PROP_POS_FRAMES, int(rng.integers(last_start + 1)))
             for _ in range(span):
@@ -304,26 +330,34 @@ def data_rows(args, paths, rows):
         skip_reference = f"skipped: pip install {'pillow' if e.name == 'PIL' else e.name}"
     if not skip_reference:
         contenders["reference"] = lambda: [reference_clip(p, T, size, rng) for p in paths]
-    rate = {k: n * (2 if k == "ours x2" else 1) / v for k, v in race(contenders, args.reps, args.warmup).items()}
+    times = race(contenders, args.reps, args.warmup)
+    rate = {k: n * (2 if k == "ours x2" else 1) / v for k, v in times.items()}
     print(f"data: {n} clips of {T}x{size} at stride {RATE} per repetition, clips/s")
-    row(rows, f"clips floor: seek + grab {span} frames", f"{rate['floor']:.1f}", clips_per_s=rate["floor"])
-    row(rows, "clips reference: decord + PIL + float normalise", skip_reference or f"{rate['reference']:.1f}",
-        clips_per_s=rate.get("reference"))
+    row(rows, f"clips floor: seek + grab {span} frames", f"{rate['floor']:.1f}",
+        clips_per_s=rate["floor"])
+    row(rows, "clips reference: decord + PIL + float normalise",
+        skip_reference or f"{rate['reference']:.1f}", clips_per_s=rate.get("reference"))
     row(rows, "clips ours: VideoDataset, uint8", f"{rate['ours']:.1f}", clips_per_s=rate["ours"])
-    row(rows, "clips ours: num_sample=2, both clips counted", f"{rate['ours x2']:.1f}", clips_per_s=rate["ours x2"])
+    row(rows, "clips ours: num_sample=2, both clips counted", f"{rate['ours x2']:.1f}",
+        clips_per_s=rate["ours x2"])
     if skip_reference:
         row(rows, "clips ours / reference", skip_reference, ">= 2.5")
     else:
-        ratio_row(rows, "clips ours / reference", rate["ours"] / rate["reference"], 2.5, True, judged)
+        ratio_row(rows, "clips ours / reference", rate["ours"] / rate["reference"], 2.5, True,
+                  judged)
     ratio_row(rows, "clips ours / floor", rate["ours"] / rate["floor"], 0.6, True, judged)
-    ratio_row(rows, "clips num_sample=2 / num_sample=1", rate["ours x2"] / rate["ours"], 1.7, True, judged)
+    ratio_row(rows, "clips num_sample=2 / num_sample=1", rate["ours x2"] / rate["ours"], 1.7, True,
+              judged)
 
-    loaders = {w: torch.utils.data.DataLoader(dataset[1], batch_size=1, num_workers=w, persistent_workers=True)
+    loaders = {w: torch.utils.data.DataLoader(dataset[1], batch_size=1, num_workers=w,
+                                              persistent_workers=True)
                for w in sorted({1, args.workers})}
-    t = race({w: (lambda ld=ld: sum(1 for _ in ld)) for w, ld in loaders.items()}, args.reps, max(args.warmup, 1))
+    epochs = {w: (lambda ld=ld: sum(1 for _ in ld)) for w, ld in loaders.items()}
+    t = race(epochs, args.reps, max(args.warmup, 1))
     for w in loaders:
-        row(rows, f"clips ours: DataLoader, {w} worker{'s' * (w > 1)}",
-            f"{n / t[w]:.1f}" + (f"  (x{t[1] / t[w]:.2f} of 1 worker)" if w > 1 else ""), clips_per_s=n / t[w])
+        speedup = f"  (x{t[1] / t[w]:.2f} of 1 worker)" if w > 1 else ""
+        row(rows, f"clips ours: DataLoader, {w} worker{'s' * (w > 1)}", f"{n / t[w]:.1f}" + speedup,
+            clips_per_s=n / t[w])
 
 
 def main():
@@ -335,16 +369,19 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     p.add_argument("--mask_ratio", type=float, default=0.9, help="tube mask")
-    p.add_argument("--decoder_mask", default="none", choices=["none", "run_cell"], help="run_cell: ratio 0.5")
+    p.add_argument("--decoder_mask", default="none", choices=["none", "run_cell"],
+                   help="run_cell: ratio 0.5")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes of the last data row")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader processes of the last data row")
     p.add_argument("--skip_data", action="store_true")
     p.add_argument("--skip_model", action="store_true")
     p.add_argument("--smoke", action="store_true",
-                   help="every row quickly: tiny, 4x32x32, batch 1, bf16, run_cell, 1 rep, 1 thread")
+                   help="every row quickly: tiny, 4x32x32, batch 1, bf16, run_cell, 1 rep, "
+                        "1 thread")
     p.add_argument("--out", help="also write the rows as JSON to this file")
     args = p.parse_args()
     if args.skip_model and args.skip_data:
@@ -358,9 +395,11 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-             f"cpu, torch threads {torch.get_num_threads()}, {torch.backends.cpu.get_cpu_capability()}")
-    print(f"torch {torch.__version__} on {where}; medians of {args.reps} repetitions after {args.warmup} warm-up; "
-          f"load average {os.getloadavg()[0]:.2f}" + ("; smoke sizes: targets not judged" if args.smoke else ""))
+             f"cpu, torch threads {torch.get_num_threads()}, "
+             f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__} on {where}; medians of {args.reps} repetitions after "
+          f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.2f}"
+          + ("; smoke sizes: targets not judged" if args.smoke else ""))
 
     rows = []
     if not args.skip_model:
@@ -373,11 +412,20 @@ def main():
 
     name_width, value_width = (max(len(r[k]) for r in rows) for k in ("name", "value"))
     for r in rows:
-        met = "" if r["met"] is None else "yes" if r["met"] else "NO"
-        print(f"{r['name']:<{name_width}}  {r['value']:<{value_width}}  {r['target'] or '':<7}  {met}".rstrip())
-    print(f"load average {os.getloadavg()[0]:.2f} at the end: other processes on these cores slow every figure")
+        if r["met"] is None:
+            met = ""
+        elif r["met"]:
+            met = "yes"
+        else:
+            met = "NO"
+        line = (f"{r['name']:<{name_width}}  {r['value']:<{value_width}}  "
+                f"{r['target'] or '':<7}  {met}")
+        print(line.rstrip())
+    print(f"load average {os.getloadavg()[0]:.2f} at the end: "
+          f"other processes on these cores slow every figure")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(args=vars(args), device=where, rows=rows), indent=1))
+        record = dict(args=vars(args), device=where, rows=rows)
+        Path(args.out).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
