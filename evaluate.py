@@ -31,7 +31,8 @@ def per_video(fn, dataset, args, ctx):
             with autocast(args, ctx):
                 values = fn(data.normalize(video.to(ctx.device, non_blocking=True).flatten(0, 1)))
             out.append(values.float().view(B, V, -1).cpu())
-            rows.append(torch.stack([index[:, None].expand(B, V), torch.arange(V).expand(B, V)], -1))
+            views = torch.arange(V).expand(B, V)
+            rows.append(torch.stack([index[:, None].expand(B, V), views], -1))
             unreadable[index[substituted > 0]] = 1
     rows = gather(torch.cat(rows).flatten(0, 1), ctx)  # (rows, 2): (video, view) of each row
     out = gather(torch.cat(out).flatten(0, 1), ctx)  # (rows, K)
@@ -72,7 +73,8 @@ def score(probs, labels, scored):
     correct = (pred == labels)[scored]
     labels_seen = labels[scored]
     in_top5 = (top5 == labels[:, None]).any(1)[scored]
-    per_class = [correct[labels_seen == c].float().mean().item() for c in labels_seen.unique().tolist()]
+    per_class = [correct[labels_seen == c].float().mean().item()
+                 for c in labels_seen.unique().tolist()]
     return {"top1": correct.float().mean().item(), "top5": in_top5.float().mean().item(),
             "mean_class_acc": float(np.mean(per_class)), "num_videos": int(scored.sum())}
 
@@ -84,31 +86,34 @@ def predict_and_score(net, dataset, args, ctx, want_probs=False):
     processes. A video that cannot be read is not scored (its item holds another video's views):
     counted as unreadable, named."""
     net.eval()
-    probs, seen, unreadable = per_video(lambda clips: net(clips).float().softmax(-1), dataset, args, ctx)
+    probs, seen, unreadable = per_video(lambda clips: net(clips).float().softmax(-1), dataset,
+                                        args, ctx)
     net.train()
     labels = torch.tensor([label for _, label in dataset.samples])
     scores = score(probs, labels, seen & ~unreadable)
     scores["views"] = dataset.segments * dataset.crops
     scores["unreadable"] = int(unreadable.sum())
-    scores["unreadable_files"] = [dataset.samples[i][0] for i in unreadable.nonzero()[:, 0].tolist()]
+    unreadable_videos = unreadable.nonzero()[:, 0].tolist()
+    scores["unreadable_files"] = [dataset.samples[i][0] for i in unreadable_videos]
     if want_probs:
         return scores, probs.argmax(1), labels
     return scores
 
 
 def multi_view_test(net, dataset, args, ctx, run, classes):
-    """The test: scores printed and logged, confusion.png written (confusion-evalN.png by an
-    evaluation)."""
+    """Test: scores printed and logged, confusion.png (confusion-evalN.png by an evaluation)."""
     scores, pred, labels = predict_and_score(net, dataset, args, ctx, want_probs=True)
-    line = (f"test on {scores['num_videos']} videos x {scores['views']} views: top-1 {scores['top1']:.2%}, "
-            f"top-5 {scores['top5']:.2%}, mean class accuracy {scores['mean_class_acc']:.2%}")
+    line = (f"test on {scores['num_videos']} videos x {scores['views']} views: "
+            f"top-1 {scores['top1']:.2%}, top-5 {scores['top5']:.2%}, "
+            f"mean class accuracy {scores['mean_class_acc']:.2%}")
     if scores["unreadable"]:
-        line += f"; {scores['unreadable']} unreadable, not scored: {', '.join(scores['unreadable_files'])}"
+        line += (f"; {scores['unreadable']} unreadable, not scored: "
+                 f"{', '.join(scores['unreadable_files'])}")
     ctx.print(line)
     run.log({"test": scores})
     name = "confusion.png"
-    if run.optimizer is None:  # an evaluation never replaces the training run's picture, nor an earlier one's
-        k = 1
+    if run.optimizer is None:
+        k = 1  # an evaluation never replaces the training run's picture, nor an earlier one's
         while os.path.exists(os.path.join(args.output_dir, f"confusion-eval{k}.png")):
             k += 1
         name = f"confusion-eval{k}.png"
@@ -130,7 +135,7 @@ def confusion_png(pred, labels, names, path, listed=30):
     K = len(names)
     counts = np.zeros((K, K), np.int64)
     np.add.at(counts, (labels.numpy(), pred.numpy()), 1)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (true, predicted); each row sums to one
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (true, predicted); rows sum to 1
     confused = zip(*np.nonzero(counts * (1 - np.eye(K, dtype=np.int64))))
     pairs = sorted(confused, key=lambda tp: -share[tp])[:listed]
     write_png(path, plots.confusion(share, counts, names, pairs))
@@ -155,8 +160,8 @@ def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None
     encoder.eval()
     features = []
     for samples in (train_samples, test_samples):
-        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate, args.input_size,
-                                    test_num_segment=1, test_num_crop=1)
+        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate,
+                                    args.input_size, test_num_segment=1, test_num_crop=1)
         dataset.frames = frames or {}
         values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
         labels = torch.tensor([label for _, label in samples])
@@ -167,7 +172,8 @@ def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     votes = knn_classify(train_x, train_y, test_x, num_classes, k)
     scores = score(votes, test_y, torch.ones(len(test_y), dtype=torch.bool))
-    return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)), "num_videos": len(test_y)}
+    return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)),
+            "num_videos": len(test_y)}
 
 
 # ------------------------------------------------------------- a pre-training model: reconstruction
@@ -188,8 +194,9 @@ def trivial_predictions(target, mask, grid):
     mean_visible = mean[:, None, None, :].expand_as(pixels).reshape(B, N, D)
     t, h, w = torch.meshgrid(*(torch.arange(s, device=target.device) for s in grid), indexing="ij")
     slices_apart = grid[1] + grid[2]  # farther than any two tokens of one slice
-    coords = torch.stack([t.flatten() * slices_apart, h.flatten(), w.flatten()], 1).float()  # (N, 3)
-    dist = torch.cdist(coords, coords)[None].expand(B, N, N).masked_fill(mask[:, None, :], float("inf"))
+    coords = torch.stack([t.flatten() * slices_apart, h.flatten(), w.flatten()], 1).float()
+    dist = torch.cdist(coords, coords)[None].expand(B, N, N)  # coords (N, 3)
+    dist = dist.masked_fill(mask[:, None, :], float("inf"))
     source = dist.argmin(dim=2)  # (B, N): the nearest visible token of each token
     nearest_visible = torch.gather(target, 1, source[..., None].expand(B, N, D))
     return mean_visible[mask].view(B, -1, D), nearest_visible[mask].view(B, -1, D)
@@ -200,8 +207,9 @@ def reconstruction_scores(net, samples, args, ctx, most=256):
     masks) of the model and of the two trivial predictors on the same clips and masks: the model
     must beat both to have learnt anything of videos. Returns recon_val, recon_val_mean_visible,
     recon_val_nearest_visible."""
-    dataset = data.VideoDataset(samples[::max(1, len(samples) // most)], "test", args.num_frames,
-                                args.sampling_rate, args.input_size, test_num_segment=1, test_num_crop=1)
+    subset = samples[::max(1, len(samples) // most)]
+    dataset = data.VideoDataset(subset, "test", args.num_frames, args.sampling_rate,
+                                args.input_size, test_num_segment=1, test_num_crop=1)
     loader, _ = make_loader(dataset, args, ctx, train=False)
     net.eval()
     enc = net.encoder
@@ -211,14 +219,16 @@ def reconstruction_scores(net, samples, args, ctx, most=256):
         for video, *_ in loader:
             video = data.normalize(video.to(ctx.device).flatten(0, 1))  # (B, 3, T, H, W)
             B = video.shape[0]
-            mask = masks.MASKS[args.mask_type](B, enc.grid, args.mask_ratio, generator=generator, device=ctx.device)
+            mask = masks.MASKS[args.mask_type](B, enc.grid, args.mask_ratio, generator=generator,
+                                               device=ctx.device)
             with autocast(args, ctx):
                 loss = net(video, mask)[0].float()
             patches = models.patchify(video, enc.tubelet_size, enc.patch_size)
             target = models.reconstruction_target(patches, net.norm_pix_loss)
             hidden = models.select(target, mask)
             mean_visible, nearest_visible = trivial_predictions(target, mask, enc.grid)
-            losses = [loss.item(), F.mse_loss(mean_visible, hidden).item(), F.mse_loss(nearest_visible, hidden).item()]
+            losses = [loss.item(), F.mse_loss(mean_visible, hidden).item(),
+                      F.mse_loss(nearest_visible, hidden).item()]
             sums += torch.tensor(losses + [1.0]) * B
     net.train()
     model_loss, mean_loss, nearest_loss, clips = all_sum(sums.tolist(), ctx)
@@ -235,13 +245,14 @@ def reconstruction_png(net, clip, args, ctx, path):
     net.eval()
     enc = net.encoder
     video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)
-    mask = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    mask = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=generator)
     mask = mask.to(ctx.device)
     with torch.no_grad(), autocast(args, ctx):
         _, pred = net(video, mask)
     patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()  # (1, N, P*C)
     pixels = models.reconstruction_target(patches, norm_pix_loss=False)  # in [0, 1]
-    masked = torch.where(mask[..., None], torch.full_like(pixels, 0.5), pixels)  # hidden patches grey
+    masked = torch.where(mask[..., None], torch.full_like(pixels, 0.5), pixels)  # hidden ones grey
     rebuilt = pixels.clone()
     hidden = pixels[mask].unflatten(-1, (-1, 3))  # (n, P, 3)
     p = pred[0].float().unflatten(-1, (-1, 3))
@@ -250,11 +261,12 @@ def reconstruction_png(net, clip, args, ctx, path):
     rebuilt[mask] = p.flatten(-2).clamp(0, 1)
     frames = []
     for row in (pixels, masked, rebuilt):
-        clip_row = models.unpatchify(row, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2]  # (3, T/2, H, W)
-        frames.append(clip_row.permute(1, 2, 3, 0).cpu().numpy())
+        clip_row = models.unpatchify(row, enc.grid, enc.tubelet_size, enc.patch_size)[0, :, ::2]
+        frames.append(clip_row.permute(1, 2, 3, 0).cpu().numpy())  # clip_row (3, T/2, H, W)
     if net.norm_pix_loss:
         how = "hidden patches drawn with the true patch mean and std"
     else:
         how = "hidden patches as predicted"
-    write_png(path, plots.film_strip(frames, f"top: original; middle: encoder input; bottom: rebuilt, {how}"))
+    caption = f"top: original; middle: encoder input; bottom: rebuilt, {how}"
+    write_png(path, plots.film_strip(frames, caption))
     net.train()
