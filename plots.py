@@ -3,7 +3,7 @@ numbers and returns images (BGR uint8; the demo's frames RGB); the caller writes
 the project is imported here.
 
 line_chart  one figure of log.jsonl against the epoch (curves.png holds one panel per figure)
-confusion   a confusion matrix with named classes, the share in each cell and the most-confused pairs
+confusion   a confusion matrix: named classes, the share in each cell and the most-confused pairs
 film_strip  rows of frames one above the other, with a caption (the reconstruction pictures)
 demo_frames the frames of a demo video: one polygon that moves, grows or brightens by class
 """
@@ -23,14 +23,13 @@ def text_width(text, scale):
 
 
 def put(img, text, x, y, scale=0.4, color=(0, 0, 0), align=0.0):
-    """OpenCV text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x
-    (1)."""
+    """Text on its baseline y, starting at x (align 0), centred on x (0.5) or ending at x (1)."""
     x = x - align * text_width(text, scale)
     cv2.putText(img, text, (int(x), int(y)), FONT, scale, color, 1, cv2.LINE_AA)
 
 
 def nice_ticks(lo, hi, most=6):
-    """Round values (steps of 1, 2 or 5 times a power of ten) from at or below lo to at or above hi."""
+    """Round values (steps of 1, 2 or 5 times a power of ten) from at/below lo to at/above hi."""
     span = max(hi - lo, abs(hi) * 0.1, 1e-12)
     unit = 10 ** math.floor(math.log10(span / most))
     step = next(m * unit for m in (1, 2, 5, 10) if span / (m * unit) <= most)
@@ -48,7 +47,8 @@ def line_chart(points, title, percent=False, W=360, H=250, left=62, right=18, to
         ticks = nice_ticks(0, 1)
     else:
         ticks = nice_ticks(y.min(), y.max())
-    epochs = np.unique(nice_ticks(x.min(), x.max() + 1).round())  # whole epochs; one epoch still spans an axis
+    # Whole epochs; a single epoch still spans an axis.
+    epochs = np.unique(nice_ticks(x.min(), x.max() + 1).round())
     rows = np.interp(ticks, (ticks[0], ticks[-1]), (H - bottom, top)).astype(int)
     cols = np.interp(epochs, (epochs[0], epochs[-1]), (left, W - right)).astype(int)
     fmt = "{:.0%}" if percent else "{:.3g}"
@@ -100,7 +100,8 @@ def confusion(share, counts, names, pairs):
     for t, p in zip(*np.nonzero(counts)):
         grid[t * cell:(t + 1) * cell, p * cell:(p + 1) * cell] = _cell_colour(share[t, p])
         ink = (255, 255, 255) if share[t, p] > 0.5 else (0, 0, 0)
-        put(grid, f"{100 * share[t, p]:.0f}", (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font, ink, align=0.5)
+        put(grid, f"{100 * share[t, p]:.0f}", (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font,
+            ink, align=0.5)
     grid[::cell] = 200  # lines between cells
     grid[:, ::cell] = 200
     grid[-1] = 200
@@ -113,21 +114,24 @@ def confusion(share, counts, names, pairs):
     img = np.full((top + height + 10, max(left + side + 420, 760), 3), 255, np.uint8)
     img[top:top + side, left:left + side] = grid
     img[top:top + side, band:left] = _name_strip(names, cell, label_w, font, align=1)
-    column_names = _name_strip(names, cell, label_w, font, align=0)
-    img[title_h + band:top, left:left + side] = cv2.rotate(column_names, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    column_names = cv2.rotate(_name_strip(names, cell, label_w, font, align=0),
+                              cv2.ROTATE_90_COUNTERCLOCKWISE)
+    img[title_h + band:top, left:left + side] = column_names
     put(img, "predicted class", left + side / 2, title_h + band - 8, 0.5, align=0.5)
-    true_title = np.full((band, side, 3), 255, np.uint8)
+    true_title = np.full((band, side, 3), 255, np.uint8)  # turned to read bottom to top
     put(true_title, "true class", side / 2, band - 8, 0.5, align=0.5)
-    img[top:top + side, :band] = cv2.rotate(true_title, cv2.ROTATE_90_COUNTERCLOCKWISE)  # read bottom to top
+    img[top:top + side, :band] = cv2.rotate(true_title, cv2.ROTATE_90_COUNTERCLOCKWISE)
     total = counts.sum()
     top1 = np.trace(counts) / max(total, 1)
     put(img, f"confusion on {total} test videos, top-1 {top1:.1%}", 8, 20, 0.5)
-    put(img, "row: true class; cell: % of its videos predicted as the column's class (blank: 0%)", 8, 42, 0.45)
+    put(img, "row: true class; cell: % of its videos predicted as the column's class (blank: 0%)",
+        8, 42, 0.45)
     x, y = left + side + 16, top + 14
     put(img, "most confused: true -> predicted, % of true", x, y, 0.45)
     for t, p in pairs:
         y += 20
-        line = f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} ({counts[t, p]} of {counts[t].sum()})"
+        line = (f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} "
+                f"({counts[t, p]} of {counts[t].sum()})")
         put(img, line, x, y, 0.45)
     return img
 
@@ -136,8 +140,8 @@ def film_strip(rows, caption, width=512):
     """rows: RGB float arrays (T, H, W, 3) in [0, 1] of equal shape, drawn one above the other, the
     frames of a row side by side, enlarged to about `width` pixels with sharp pixels, the caption
     below. Returns BGR."""
-    img = np.concatenate([np.concatenate(list(frames), axis=1) for frames in rows], axis=0)  # (rows*H, T*W, 3)
-    img = (img[..., ::-1] * 255).round().astype(np.uint8)
+    img = np.concatenate([np.concatenate(list(frames), axis=1) for frames in rows], axis=0)
+    img = (img[..., ::-1] * 255).round().astype(np.uint8)  # (rows*H, T*W, 3), BGR
     zoom = max(1, width // img.shape[1])  # small clips drawn larger
     img = cv2.resize(img, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     lines = textwrap.wrap(caption, img.shape[1] // 6)
@@ -155,9 +159,9 @@ def demo_frames(cls, rng, num_frames, W=96, H=72):
     the ground), which a small ViT learns in minutes on a CPU. The object is large and plain, so
     that rebuilding it dominates the reconstruction loss."""
     ground, colour = rng.uniform(20, 90, 3), rng.uniform(150, 250, 3)
-    k = rng.integers(4, 9)
+    k = rng.integers(4, 9)  # corners of `shape`, a unit-size polygon
     angles = 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, k)) / k + rng.uniform(0, 2 * np.pi)
-    shape = rng.uniform(0.7, 1.0, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)  # unit-size polygon
+    shape = rng.uniform(0.7, 1.0, (k, 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)
     radius, speed, rate = rng.uniform(22, 32), rng.uniform(0.6, 1.0), rng.uniform(0.012, 0.02)
     centre = rng.uniform((0.3 * W, 0.3 * H), (0.7 * W, 0.7 * H))
     for t in range(num_frames):
@@ -165,7 +169,8 @@ def demo_frames(cls, rng, num_frames, W=96, H=72):
         ramp = t / max(num_frames - 1, 1)  # 0 -> 1
         shift = {"right": (speed * dt, 0), "left": (-speed * dt, 0)}.get(cls, (0, 0))
         scale = {"grow": math.exp(rate * dt), "shrink": math.exp(-rate * dt)}.get(cls, 1.0)
-        level = {"brighten": 0.55 + 0.45 * ramp, "darken": 1.0 - 0.45 * ramp}.get(cls, 1.0)  # of the way to colour
+        # level: the share of the way from the ground to `colour`
+        level = {"brighten": 0.55 + 0.45 * ramp, "darken": 1.0 - 0.45 * ramp}.get(cls, 1.0)
         points = np.round(centre + shift + radius * scale * shape).astype(np.int32)
         inside = cv2.fillPoly(np.zeros((H, W), np.float32), [points], 1)[..., None]
         yield np.clip(ground + inside * (colour - ground) * level, 0, 255).astype(np.uint8)
