@@ -43,7 +43,8 @@ import torch
 import data
 import mask as masks
 import model as models
-from engine import autocast, param_groups
+from engine import autocast
+from model import param_groups
 
 RATE = 4  # sampling rate: frames between a clip's frames
 

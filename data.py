@@ -1,15 +1,13 @@
 """Video data, top down: the frames a clip takes and its crops (the reference's rules, from
 github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset of uint8 clips, data
-sets on disk, the demo set, and frame-exact OpenCV reading that survives broken files.
+sets on disk (the demo set is drawn by plots.py), and frame-exact OpenCV reading that survives broken
+files.
 `python data.py --check DATA_PATH` reports unreadable, truncated, slow and short videos."""
 import argparse
-import json
 import math
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -210,7 +208,7 @@ def load_samples(data_path, data_set=None, split=1, train=True):
     root = Path(data_path)
     if data_set == 'demo':  # an existing demo set is used whatever its parameters
         if not (root / 'meta.json').is_file():
-            root = make_demo_dataset(root)
+            root = plots.make_demo_dataset(root)
         data_set = 'list'
     if not root.exists():
         raise FileNotFoundError(f"--data_path {root} does not exist")
@@ -290,63 +288,6 @@ def _list_file(lst):
         parents.setdefault(label, set()).add(Path(path).parent.name)
     names = range(max(parents, default=-1) + 1)
     return entries, [min(parents[c]) if len(parents.get(c, ())) == 1 else str(c) for c in names]
-
-
-# ------------------------------------------------------------------------------------- the demo set
-
-DEMO_CLASSES = ('right', 'left', 'grow', 'shrink', 'brighten', 'darken')
-
-
-def _demo_video(path, cls, rng, num_frames, W=96, H=72):
-    """One video of class `cls` (drawn by plots.demo_frames): XVID, MJPG where OpenCV lacks XVID."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'XVID'), 25, (W, H))
-    if not writer.isOpened():
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 25, (W, H))
-    for frame in plots.demo_frames(cls, rng, num_frames, W, H):
-        writer.write(frame[..., ::-1].copy())  # RGB drawn, BGR written
-    writer.release()
-
-
-def make_demo_dataset(root='data/demo', num_classes=6, videos_per_class=70, val_per_class=20,
-                      num_frames=48, seed=0):
-    """Synthetic motion classes in root/<class>/*.avi, train.txt and val.txt, deterministic from
-    seed; a set of these parameters is reused, other folders left alone. Built in a temporary folder
-    renamed when complete: a killed build leaves nothing; of racing calls the first done is used."""
-    root = Path(root)
-    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class,
-                val_per_class=val_per_class, num_frames=num_frames, seed=seed, version=3)
-
-    def complete():  # meta.json is written last, so a root that has it holds a whole set
-        meta_file = root / 'meta.json'
-        return meta_file.is_file() and json.loads(meta_file.read_text()) == meta
-    if complete():
-        return root
-    if root.exists():  # never deleted: racing calls can't tell a stale set from one just renamed
-        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); "
-                              f"delete it or pass another --data_path")
-    tmp = root.with_name(f'.{root.name}.{uuid.uuid4().hex}')  # unique across processes and hosts
-    lists, jobs = {'train.txt': [], 'val.txt': []}, []
-    try:
-        for label, cls in enumerate(DEMO_CLASSES[:num_classes]):
-            (tmp / cls).mkdir(parents=True)
-            for k in range(videos_per_class):
-                rel = f'{cls}/{cls}_{k:03d}.avi'
-                split = 'val.txt' if k >= videos_per_class - val_per_class else 'train.txt'
-                lists[split].append(f'{rel} {label}\n')
-                jobs.append((tmp / rel, cls, np.random.default_rng([seed, label, k]), num_frames))
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV and numpy release the GIL
-            list(pool.map(lambda job: _demo_video(*job), jobs))
-        for name, lines in lists.items():
-            (tmp / name).write_text(''.join(lines))
-        (tmp / 'meta.json').write_text(json.dumps(meta))
-        if not complete():
-            os.replace(tmp, root)
-    except OSError:  # the rename fails on the set of a call that finished in between: it is used
-        if not complete():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 # ----------------------------------------------------------------- reading frames, broken files too

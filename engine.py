@@ -1,6 +1,5 @@
 """What pretrain.py and finetune.py share, none of it VideoMAE itself: arguments and recipes,
-processes under torchrun, loaders, the lr schedule, the bookkeeping of an epoch, and the run (its
-folder, weights.RunFolder, and the optimizer's side of a step)."""
+processes under torchrun, loaders, the lr schedule, the bookkeeping of an epoch, the optimizer step."""
 import argparse
 import contextlib
 import math
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 import data
 import model as models
+import plots
 from weights import RunFolder
 
 # ---------------------------------------------------------------------------------------- arguments
@@ -83,7 +83,7 @@ def finish_args(parser, argv, recipes, demo):
     args = parser.parse_args(argv)
     args.demo = args.data_path is None and not getattr(args, "predict", None)  # --predict: no data
     if args.demo:
-        args.data_path = str(data.make_demo_dataset("data/demo"))
+        args.data_path = str(plots.make_demo_dataset("data/demo"))
         args.data_set = "list"
     elif args.data_path is not None and not os.path.exists(args.data_path):
         parser.error(f"--data_path {args.data_path} does not exist")
@@ -95,10 +95,9 @@ def finish_args(parser, argv, recipes, demo):
     for key in args.recipe_defaults:
         setattr(args, key, recipe[key])
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
+    run = "demo" if args.demo else args.data_set or "data"
     if getattr(args, "predict", None):
         run = "predict"
-    else:
-        run = "demo" if args.demo else args.data_set or "data"
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_workers is None:  # clips cut from frames in memory need no worker processes
@@ -131,8 +130,7 @@ class Context:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.world > 1:  # nccl between GPUs, gloo between CPU processes
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
@@ -221,28 +219,6 @@ def wrap(net, args, ctx):
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
     return model
-
-
-def param_groups(model, weight_decay, layer_decay=None):
-    """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with
-    layer_decay, lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1
-    for fc_norm and head."""
-    depth = len(model.blocks) if hasattr(model, "blocks") else 0
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2 and name != "mask_token"
-        if name.startswith("patch_embed"):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = depth + 1
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
-        new = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
-        groups.setdefault((decay, scale), new)["params"].append(p)
-    return list(groups.values())
 
 
 def lr_at(epoch, args):

@@ -137,7 +137,7 @@ def main(argv=None):
     loader, sampler = engine.make_loader(train_set, args, ctx, train=True)
 
     # AdamW, layer-wise lr decay: blocks near the input, which pre-training taught most, move least.
-    groups = engine.param_groups(net, args.weight_decay, args.layer_decay)
+    groups = models.param_groups(net, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
     # The output folder; the run resumes from its newest checkpoint.
     run = engine.Run(args, ctx, net, optimizer, train_set)

@@ -403,3 +403,27 @@ def build_model(kind, preset, **kwargs):
         return VideoMAE(**{**PRESETS[preset], **kwargs})
     sizes = {k: v for k, v in PRESETS[preset].items() if not k.startswith("decoder_")}
     return VideoViT(**{**sizes, **kwargs})
+
+
+# ---------------------------------------------- the optimizer's groups: decay, layer-wise lr (BEiT)
+
+def param_groups(model, weight_decay, layer_decay=None):
+    """AdamW groups: decay only on matrices (dim >= 2; not biases, norms, mask_token); with
+    layer_decay, lr scale layer_decay^(L+1-k): k = 0 for the patch embedding, i+1 for block i, L+1
+    for fc_norm and head."""
+    depth = len(model.blocks) if hasattr(model, "blocks") else 0
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and name != "mask_token"
+        if name.startswith("patch_embed"):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        new = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        groups.setdefault((decay, scale), new)["params"].append(p)
+    return list(groups.values())

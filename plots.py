@@ -1,14 +1,20 @@
-"""Pictures drawn with OpenCV (the run-time packages have no plotting library). Each function takes
-numbers and returns images (BGR uint8; the demo's frames RGB); the caller writes them. Nothing of
-the project is imported here.
+"""What this project draws with OpenCV (the run-time packages have no plotting library): a run's
+pictures, returned as BGR uint8 arrays for the caller to write, and the demo's synthetic videos.
+Nothing of the project is imported here.
 
-line_chart  one figure of log.jsonl against the epoch (curves.png holds one panel per figure)
-confusion   a confusion matrix: named classes, the share in each cell and the most-confused pairs
-film_strip  rows of frames one above the other, with a caption (the reconstruction pictures)
-demo_frames the frames of a demo video: one polygon that moves, grows or brightens by class
+line_chart         one figure of log.jsonl against the epoch (curves.png holds one per figure)
+confusion          a confusion matrix: named classes, each cell's share, the most-confused pairs
+film_strip         rows of frames one above the other, with a caption (the reconstruction pictures)
+make_demo_dataset  the demo set: videos that demo_frames draws, and their list files
 """
+import json
 import math
+import os
+import shutil
 import textwrap
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -151,6 +157,11 @@ def film_strip(rows, caption, width=512):
     return np.concatenate([img, band])
 
 
+# ------------------------------------------------------------------------------------- the demo set
+
+DEMO_CLASSES = ("right", "left", "grow", "shrink", "brighten", "darken")
+
+
 def demo_frames(cls, rng, num_frames, W=96, H=72):
     """The frames (RGB uint8 (H, W, 3)) of one demo video: a bright polygon on a darker plain ground
     that moves right or left, grows or shrinks, brightens or darkens, by class. Colours, shape,
@@ -174,3 +185,55 @@ def demo_frames(cls, rng, num_frames, W=96, H=72):
         points = np.round(centre + shift + radius * scale * shape).astype(np.int32)
         inside = cv2.fillPoly(np.zeros((H, W), np.float32), [points], 1)[..., None]
         yield np.clip(ground + inside * (colour - ground) * level, 0, 255).astype(np.uint8)
+
+
+def _demo_video(path, cls, rng, num_frames, W=96, H=72):
+    """One video of class `cls` (demo_frames) as XVID; MJPG where OpenCV lacks XVID."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"XVID"), 25, (W, H))
+    if not writer.isOpened():
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))
+    for frame in demo_frames(cls, rng, num_frames, W, H):
+        writer.write(frame[..., ::-1].copy())  # RGB drawn, BGR written
+    writer.release()
+
+
+def make_demo_dataset(root="data/demo", num_classes=6, videos_per_class=70, val_per_class=20,
+                      num_frames=48, seed=0):
+    """Synthetic motion classes in root/<class>/*.avi, train.txt and val.txt, deterministic from
+    seed; a set of these parameters is reused, other folders left alone. Built in a temporary folder
+    renamed when complete: a killed build leaves nothing; of racing calls the first done is used."""
+    root = Path(root)
+    meta = dict(num_classes=num_classes, videos_per_class=videos_per_class,
+                val_per_class=val_per_class, num_frames=num_frames, seed=seed, version=3)
+
+    def complete():  # meta.json is written last, so a root that has it holds a whole set
+        meta_file = root / "meta.json"
+        return meta_file.is_file() and json.loads(meta_file.read_text()) == meta
+    if complete():
+        return root
+    if root.exists():  # never deleted: racing calls can"t tell a stale set from one just renamed
+        raise FileExistsError(f"{root} exists and is not this demo set (see its meta.json); "
+                              f"delete it or pass another --data_path")
+    tmp = root.with_name(f".{root.name}.{uuid.uuid4().hex}")  # unique across processes and hosts
+    lists, jobs = {"train.txt": [], "val.txt": []}, []
+    try:
+        for label, cls in enumerate(DEMO_CLASSES[:num_classes]):
+            (tmp / cls).mkdir(parents=True)
+            for k in range(videos_per_class):
+                rel = f"{cls}/{cls}_{k:03d}.avi"
+                split = "val.txt" if k >= videos_per_class - val_per_class else "train.txt"
+                lists[split].append(f"{rel} {label}\n")
+                jobs.append((tmp / rel, cls, np.random.default_rng([seed, label, k]), num_frames))
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV and numpy release the GIL
+            list(pool.map(lambda job: _demo_video(*job), jobs))
+        for name, lines in lists.items():
+            (tmp / name).write_text("".join(lines))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if not complete():
+            os.replace(tmp, root)
+    except OSError:  # the rename fails on the set of a call that finished in between: it is used
+        if not complete():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -90,7 +90,7 @@ def main(argv=None):
                              num_frames=args.num_frames, norm_pix_loss=not args.no_norm_pix_loss)
     net = net.to(ctx.device)
     net.encoder.grad_checkpointing = args.grad_ckpt
-    optimizer = torch.optim.AdamW(engine.param_groups(net, args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(models.param_groups(net, args.weight_decay), lr=args.lr,
                                   betas=tuple(args.opt_betas), fused=True)
     run = engine.Run(args, ctx, net, optimizer, dataset)  # the output folder; resumes if it can
     model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel (torchrun)

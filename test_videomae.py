@@ -16,6 +16,7 @@ import data
 import mask as M
 import model as MD
 import weights as W
+import plots
 import evaluate
 
 TINY = dict(img_size=32, num_frames=4, patch_size=8, tubelet_size=2, embed_dim=48, depth=2, num_heads=3,
@@ -436,7 +437,7 @@ def test_exported_models_compute_what_ours_do_in_transformers(tmp_path):
 # ---------------------------------------------------------------------------------- training pieces
 
 def test_param_groups_layer_decay_and_no_decay_on_biases():
-    from engine import param_groups
+    from model import param_groups
     vit = tiny_vit()
     groups = param_groups(vit, 0.05, layer_decay=0.5)
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
@@ -965,8 +966,8 @@ def test_check_cli(videos, tmp_path, capsys, monkeypatch):
 
 def test_demo_dataset(tmp_path):
     kw = dict(num_classes=3, videos_per_class=4, val_per_class=2, num_frames=12, seed=3)
-    a = data.make_demo_dataset(tmp_path / 'a' / 'demo', **kw)
-    b = data.make_demo_dataset(tmp_path / 'b' / 'demo', **kw)
+    a = plots.make_demo_dataset(tmp_path / 'a' / 'demo', **kw)
+    b = plots.make_demo_dataset(tmp_path / 'b' / 'demo', **kw)
     assert sorted(p.name for p in (tmp_path / 'a').iterdir()) == ['demo']  # no temporary folder left
     train, names = data.load_samples(a, 'demo', train=True)
     val, _ = data.load_samples(a / 'val.txt')
@@ -976,12 +977,12 @@ def test_demo_dataset(tmp_path):
         fa, fb = sequential(pa), sequential(pb)
         assert la == lb and fa.shape == (12, 72, 96, 3) and np.array_equal(fa, fb)
     stamp = (a / 'meta.json').stat().st_mtime_ns
-    assert data.make_demo_dataset(a, **kw) == a and (a / 'meta.json').stat().st_mtime_ns == stamp  # reused
-    c = data.make_demo_dataset(tmp_path / 'c', **dict(kw, seed=4))
+    assert plots.make_demo_dataset(a, **kw) == a and (a / 'meta.json').stat().st_mtime_ns == stamp  # reused
+    c = plots.make_demo_dataset(tmp_path / 'c', **dict(kw, seed=4))
     assert not np.array_equal(sequential(c / 'right/right_000.avi'), sequential(a / 'right/right_000.avi'))
     for other in (b, tmp_path):  # a set with other parameters, a folder that is no demo set: left alone
         with pytest.raises(FileExistsError, match='not this demo set'):
-            data.make_demo_dataset(other, **dict(kw, seed=4))
+            plots.make_demo_dataset(other, **dict(kw, seed=4))
     assert json.loads((b / 'meta.json').read_text())['seed'] == 3
 
 
@@ -1002,7 +1003,7 @@ def test_demo_dataset_concurrent_builds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.os, 'replace', replace_together)
     with ThreadPoolExecutor(2) as pool:
-        roots = list(pool.map(lambda _: data.make_demo_dataset(tmp_path / 'demo', **kw), range(2)))
+        roots = list(pool.map(lambda _: plots.make_demo_dataset(tmp_path / 'demo', **kw), range(2)))
     assert roots == [tmp_path / 'demo'] * 2 and sorted(outcomes) == ['refused', 'renamed']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['demo']  # no temporary folder left
     assert sorted(p.name for p in roots[0].iterdir()) == ['left', 'meta.json', 'right', 'train.txt', 'val.txt']
@@ -1011,9 +1012,9 @@ def test_demo_dataset_concurrent_builds(tmp_path, monkeypatch):
 
 
 def test_demo_classes_change_the_object_the_same_way_in_every_video(tmp_path):
-    root = data.make_demo_dataset(tmp_path / 'demo', videos_per_class=4, val_per_class=0, num_frames=12, seed=0)
+    root = plots.make_demo_dataset(tmp_path / 'demo', videos_per_class=4, val_per_class=0, num_frames=12, seed=0)
     samples, names = data.load_samples(root, 'demo')
-    assert names == list(data.DEMO_CLASSES) and len(samples) == 24
+    assert names == list(plots.DEMO_CLASSES) and len(samples) == 24
     for path, label in samples:
         frames = data.read_frames(path, [0, 11]).astype(np.float32)
         ground = frames[0, 0, 0]  # a corner: the object never reaches it
@@ -1029,7 +1030,7 @@ def test_demo_classes_change_the_object_the_same_way_in_every_video(tmp_path):
 
 def test_demo_classes_are_learnable_from_the_loaders_clips(tmp_path):
     # A ViT of two blocks, trained from scratch on clips of the demo's loader, tells held-out videos apart.
-    root = data.make_demo_dataset(tmp_path / 'demo', videos_per_class=20, val_per_class=6, num_frames=32, seed=0)
+    root = plots.make_demo_dataset(tmp_path / 'demo', videos_per_class=20, val_per_class=6, num_frames=32, seed=0)
     sets = [data.load_samples(root, 'demo', train=train)[0] for train in (True, False)]
     train = data.VideoDataset(sets[0], 'pretrain', 4, 4, 32, num_sample=8, in_memory=True)
     test = data.VideoDataset(sets[1], 'test', 4, 4, 32, test_num_segment=1, test_num_crop=1)
@@ -1244,7 +1245,7 @@ def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_clas
                    "--output_dir", str(out)])
     capsys.readouterr()
     # --predict: no data set read or built; class names from the checkpoint; an unreadable video gets one line
-    monkeypatch.setattr(data, "make_demo_dataset", lambda *a, **k: pytest.fail("--predict built the demo set"))
+    monkeypatch.setattr(plots, "make_demo_dataset", lambda *a, **k: pytest.fail("--predict built the demo set"))
     broken = tmp_path / "broken.avi"
     broken.write_bytes(b"not a video")
     videos = [str(two_classes / "dark" / "4.avi"), str(broken), str(two_classes / "bright" / "4.avi")]
@@ -1597,7 +1598,7 @@ def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeyp
     assert (args.data_set, args.sampling_rate, args.mask_ratio, args.batch_size) == ("UCF101", 2, 0.9, 4)
     args = parsed_args(finetune, ["--data_path", str(root)], monkeypatch)
     assert {k: vars(args)[k] for k in finetune.RECIPES["UCF101"]} == finetune.RECIPES["UCF101"]
-    monkeypatch.setattr(data, "make_demo_dataset", lambda path: tmp_path)  # no --data_path: the demo's own values
+    monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)  # no --data_path: the demo's own values
     for script in (pretrain, finetune):
         args = parsed_args(script, [], monkeypatch)
         assert {k: vars(args)[k] for k in script.DEMO} == script.DEMO and args.min_blr == script.K400["min_blr"]
