@@ -1,5 +1,5 @@
 """What pretrain.py and finetune.py share, none of it VideoMAE itself: arguments and recipes,
-processes under torchrun, loaders, the lr schedule, the bookkeeping of an epoch, the optimizer step."""
+processes under torchrun, loaders, the lr schedule, an epoch's bookkeeping, the optimizer step."""
 import argparse
 import contextlib
 import math
@@ -44,10 +44,8 @@ def common_parser(doc, recipes, demo):
     arg = p.add_argument
     arg("--model", choices=list(models.PRESETS),
         help=f"model size (default {recipes['K400']['model']}; demo {demo['model']})")
-    arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos "
-                            "(default: the demo set)")
-    arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"],
-        help="format of --data_path (guessed if absent)")
+    arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos")
+    arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"], help="(guessed if absent)")
     arg("--recipe", choices=list(recipes),
         help="the reference's values for this data set, for every flag not given (default: the "
              "--data_set's own, else K400's; README: the recipes)")
@@ -60,17 +58,14 @@ def common_parser(doc, recipes, demo):
     arg("--accum_iter", "--update_freq", dest="accum_iter", type=int, default=1,
         help="steps of gradient accumulation per optimizer step")
     arg("--in_memory", action="store_true", default=None,
-        help="decode each training video once and keep its frames in memory, for small sets "
-             "(default: on the demo only)")
+        help="decode each video once and keep its frames in memory (default: the demo only)")
     arg("--per_class", type=int, help="train on the first N videos of each class only")
     arg("--weight_decay", type=float, default=0.05)
     arg("--clip_grad", type=float, help="clip the gradient norm to this value")
-    arg("--num_workers", type=int,
-        help="data loading processes per GPU (default: up to 8; none with --in_memory)")
+    arg("--num_workers", type=int, help="loading processes per GPU (default: up to 8; 0 in memory)")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    arg("--dtype", choices=["bf16", "fp16", "fp32"],
-        help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+    arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast (default: bf16 on GPUs)")
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory, more time")
     arg("--seed", type=int, default=0)
@@ -156,7 +151,7 @@ def setup(args):
 
 
 def all_sum(values, ctx):
-    """A list of numbers summed over every process."""
+    """A list of numbers, summed over every process."""
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     if ctx.world > 1:
         dist.all_reduce(t)
@@ -184,7 +179,7 @@ def fail(message, ctx, bar=None):
     sys.exit(1)
 
 
-# ------------------------------------------------------------------------ loaders, model, schedule
+# ------------------------------------------------------------------------- loaders, model, schedule
 
 def make_loader(dataset, args, ctx, train):
     """A DataLoader over this process's share of the videos (shuffled for training)."""
@@ -238,14 +233,14 @@ def autocast(args, ctx):
 
 
 def gradient_sync(model, sync):
-    """DistributedDataParallel averages the gradients over processes in backward(); the micro-batches
-    of a step before the last (--accum_iter) only add to them, without that exchange."""
+    """DistributedDataParallel averages the gradients over processes in backward(); micro-batches
+    before a step's last (--accum_iter) only add to them, without that exchange."""
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
-# ------------------------------------------------------------------------- the epoch's bookkeeping
+# -------------------------------------------------------------------------- the epoch's bookkeeping
 
 class Meter:
     """What a training epoch records beside the method: the progress bar, the loss, clips/s, time
@@ -267,15 +262,15 @@ class Meter:
         self.start = time.perf_counter()
 
     def steps(self):
-        """(step, its micro-batches) for each optimizer step of the epoch."""
+        """(step, its micro-batches) for each optimizer step."""
         batches = iter(self.loader)
         for step in range(self.num_steps):
             yield step, self._micro_batches(batches)
             self.bar.update(1)
 
     def _micro_batches(self, batches):
-        """(video, labels, last) for each of a step's --accum_iter micro-batches: the num_sample clips
-        of each video, ImageNet-normalised (B * num_sample, 3, T, H, W) on the device."""
+        """(video, labels, last) for each of a step's --accum_iter micro-batches: the num_sample
+        clips of each video, ImageNet-normalised (B * num_sample, 3, T, H, W) on the device."""
         for k in range(self.args.accum_iter):
             waiting = time.perf_counter()
             try:
@@ -344,7 +339,7 @@ class BadVideos:
         self.news = []  # (sample index, frames that decode or 0) since the last sync
 
     def add(self, index, substituted, truncated):
-        """A batch's news: item i skipped `substituted` unreadable samples, then read i + substituted."""
+        """A batch's news: item i skipped `substituted` unreadable samples, then read the next."""
         for i, skipped, frames in zip(index.tolist(), substituted.tolist(), truncated.tolist()):
             self.news += [(i + k, 0) for k in range(skipped)]
             if frames:
@@ -381,12 +376,7 @@ class BadVideos:
                 f"re-encode them; the last good checkpoint is {last}")
 
 
-# ------------------------------------------------------------------------------------------------ the run
-
-def resume_path(args):
-    """--resume, else the newest checkpoint in --output_dir; None for a fresh run."""
-    return RunFolder(args.output_dir).resume_path(args.resume)
-
+# ------------------------------------------------------------------------------------------ the run
 
 class Run:
     """A training run: its folder (weights.RunFolder: log, checkpoints, resuming from the newest),
@@ -407,7 +397,7 @@ class Run:
             ctx.print(f"evaluation: its lines are appended to {self.folder.log_path}")
             self.folder.log({**config, "evaluation": True})
             return
-        resume = resume_path(args)
+        resume = self.folder.resume_path(args.resume)  # --resume, else the newest here
         if resume:
             self.start_epoch = self.folder.restore(resume, net, optimizer, self.scaler)
             ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
@@ -420,8 +410,8 @@ class Run:
         return lr
 
     def backward(self, loss):
-        """Add this micro-batch's gradient: of loss / accum_iter, as one larger batch would; scaled by
-        the fp16 loss scaler (a no-op otherwise)."""
+        """Add this micro-batch's gradient, of loss / accum_iter (as one larger batch would), scaled
+        by the fp16 loss scaler (a no-op otherwise)."""
         self.scaler.scale(loss / self.args.accum_iter).backward()
 
     def step(self):
@@ -437,12 +427,13 @@ class Run:
         self.folder.log(record)
 
     def numbered(self, epoch):
-        """Epochs with a numbered checkpoint and held-out figures: every save_ckpt_freq, and the last."""
+        """The epochs with a numbered checkpoint and held-out figures: every save_ckpt_freq, the
+        last."""
         return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def end_epoch(self, epoch, stats, picture=None):
-        """Log the epoch, then checkpoint it (the newest; a numbered one, and picture(path), if given,
-        draws recon-NNNN.png beside it)."""
+        """Log the epoch, then checkpoint it (the newest; a numbered one, and then picture(path), if
+        given, draws recon-NNNN.png beside it)."""
         self.log(stats)
         self.folder.draw_curves()
         ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),

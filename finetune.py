@@ -29,7 +29,8 @@ import data
 import engine
 import evaluate
 import model as models
-from weights import atomic_write, canonical_weights, checkpoint_config, load_checkpoint, read_file
+from weights import (RunFolder, atomic_write, canonical_weights, checkpoint_config, load_checkpoint,
+                     read_file)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/
 # ..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are run_class_finetuning.py's
@@ -119,7 +120,9 @@ def main(argv=None):
     ctx = engine.setup(args)  # process (torchrun's rank, device), the batch size's lr, the seed
     train_samples, test_samples, classes = labelled_samples(args)
     # The checkpoint to resume: its weights replace any others.
-    resuming = None if args.eval or args.knn else engine.resume_path(args)
+    resuming = None  # a training run's own newest checkpoint: its weights replace any others
+    if not (args.eval or args.knn):
+        resuming = RunFolder(args.output_dir).resume_path(args.resume)
     weights = None if resuming else initial_weights(args)
     net, _ = build_classifier(args, weights, ctx, resuming)
     if args.knn or args.eval:
