@@ -1,7 +1,11 @@
 """How good a model is: multi-view testing of a classifier, the k-NN probe of frozen features, and
 the reconstruction loss of a pre-training model beside two predictors that know nothing of videos;
 with the pictures of each (drawn by plots.py)."""
+import argparse
+import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -270,3 +274,63 @@ def reconstruction_png(net, clip, args, ctx, path):
     caption = f"top: original; middle: encoder input; bottom: rebuilt, {how}"
     write_png(path, plots.film_strip(frames, caption))
     net.train()
+
+
+# ----------------------------------------------------------------- the data-efficiency study (README)
+
+def efficiency(study_dir, pretrain_dir):
+    """The data-efficiency study from its runs' logs (the README's command): the held-out top-1 of
+    each start (from scratch, VideoMAE) and number of labelled videos a class, seeds as points; and,
+    against the pre-training epoch, the k-NN probe that pre-training logged beside the top-1 of 10
+    labelled videos a class fine-tuned from each numbered checkpoint. Prints both tables, writes
+    efficiency.png into study_dir."""
+    by_labels, by_epoch = {}, {}
+    for log in sorted(Path(study_dir).glob("*/log.jsonl")):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        tests = [r["test"]["top1"] for r in records if "test" in r]
+        if not tests:
+            continue  # a run that did not finish
+        config = records[0]["config"]
+        numbered = re.search(r"checkpoint-(\d+)\.pth$", config["finetune"])
+        if numbered:  # the curve: from the checkpoint after this epoch
+            by_epoch.setdefault(int(numbered[1]) + 1, []).append(tests[-1])
+        else:
+            start = "from scratch" if config["finetune"] == "none" else "VideoMAE"
+            by_labels.setdefault(start, {}).setdefault(config["per_class"], []).append(tests[-1])
+    by_labels = {start: by_labels[start] for start in ("from scratch", "VideoMAE") if start in by_labels}
+    print("| labelled videos a class | " + " | ".join(f"{s}, seeds | mean" for s in by_labels) + " |")
+    print("|---" * (1 + 2 * len(by_labels)) + "|")
+    for n in sorted({n for runs in by_labels.values() for n in runs}, reverse=True):
+        cells = []
+        for runs in by_labels.values():
+            top1 = runs.get(n, [])
+            cells.append(" / ".join(f"{t:.1%}" for t in top1) + f" | {np.mean(top1):.1%}")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    knn = {}
+    pretrain_log = Path(pretrain_dir) / "log.jsonl"
+    for r in map(json.loads, pretrain_log.read_text().splitlines()):
+        if "knn_top1" in r:
+            knn[r["epoch"] + 1] = r["knn_top1"]
+    print("\n| pre-training epochs | k-NN top-1 | 10 labelled videos a class, top-1 |\n|---|---|---|")
+    for epoch in sorted(set(knn) | set(by_epoch)):
+        tuned = " / ".join(f"{t:.1%}" for t in by_epoch.get(epoch, [])) or "-"
+        probe = f"{knn[epoch]:.1%}" if epoch in knn else "-"
+        print(f"| {epoch} | {probe} | {tuned} |")
+    labels = {}
+    for start, runs in by_labels.items():
+        labels[start] = [(n, t) for n, top1 in runs.items() for t in top1]
+    epochs = {"k-NN probe, frozen encoder": list(knn.items())}
+    if by_epoch:
+        epochs["fine-tuned, 10 a class"] = [(e, t) for e, top1 in by_epoch.items() for t in top1]
+    panels = [plots.chart(labels, "held-out top-1", "labelled videos a class", percent=True),
+              plots.chart(epochs, "against pre-training epochs", "pre-training epoch", percent=True)]
+    path = Path(study_dir) / "efficiency.png"
+    write_png(path, np.hstack(panels))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Summarise the data-efficiency study (README).")
+    parser.add_argument("--efficiency", nargs=2, metavar=("STUDY_DIR", "PRETRAIN_DIR"), required=True,
+                        help="the folder of the study's fine-tuning runs, and the pre-training run's")
+    efficiency(*parser.parse_args().efficiency)

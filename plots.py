@@ -19,7 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-CURVE_COLOUR = (170, 80, 20)  # BGR
+CURVE_COLOUR = (170, 80, 20)  # BGR: blue
+SERIES_COLOURS = [CURVE_COLOUR, (30, 120, 230), (60, 150, 40)]  # then orange, green
 GRID_GREY = (225, 225, 225)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -44,36 +45,54 @@ def nice_ticks(lo, hi, most=6):
     return np.arange(first, last + 1) * step
 
 
-def line_chart(points, title, percent=False, W=360, H=250, left=62, right=18, top=34, bottom=40):
-    """A line chart of (epoch, value) points: the title and the last value above, values up the y
-    axis, epochs along x. Percentages run from 0 to 100%."""
+def line_chart(points, title, percent=False, **size):
+    """One figure of a run against the epoch: (epoch, value) points, the last value in the title."""
+    fmt = "{:.0%}" if percent else "{:.3g}"
+    last = fmt.format(points[-1][1])
+    return chart({title: points}, f"{title}: {last}", percent=percent, legend=False, **size)
+
+
+def chart(series, title, xlabel="epoch", percent=False, legend=True, W=360, H=250, left=62, right=18,
+          top=34, bottom=40):
+    """A line chart of one or more series {name: [(x, y), ...]}: a line through each series' mean y at
+    each x, a dot for every point (seeds, say) when there are few, and the names as a legend.
+    x runs over whole numbers; percentages from 0 to 100%."""
     img = np.full((H, W, 3), 255, np.uint8)
-    x, y = np.array(points, dtype=float).T
+    everything = np.array([point for points in series.values() for point in points], dtype=float)
     if percent:
         ticks = nice_ticks(0, 1)
     else:
-        ticks = nice_ticks(y.min(), y.max())
-    # Whole epochs; a single epoch still spans an axis.
-    epochs = np.unique(nice_ticks(x.min(), x.max() + 1).round())
+        ticks = nice_ticks(everything[:, 1].min(), everything[:, 1].max())
+    # Whole numbers along x; a single x still spans an axis.
+    xs = np.unique(nice_ticks(everything[:, 0].min(), everything[:, 0].max() + 1).round())
     rows = np.interp(ticks, (ticks[0], ticks[-1]), (H - bottom, top)).astype(int)
-    cols = np.interp(epochs, (epochs[0], epochs[-1]), (left, W - right)).astype(int)
+    cols = np.interp(xs, (xs[0], xs[-1]), (left, W - right)).astype(int)
     fmt = "{:.0%}" if percent else "{:.3g}"
     for tick, row in zip(ticks, rows):
         cv2.line(img, (left, row), (W - right, row), GRID_GREY, 1)
         put(img, fmt.format(tick), left - 5, row + 4, align=1)
-    for epoch, col in zip(epochs, cols):
+    for x, col in zip(xs, cols):
         cv2.line(img, (col, H - bottom), (col, H - bottom + 4), (0, 0, 0), 1)
-        put(img, f"{epoch:.0f}", col, H - bottom + 17, align=0.5)
+        put(img, f"{x:.0f}", col, H - bottom + 17, align=0.5)
     cv2.rectangle(img, (left, top), (W - right, H - bottom), (0, 0, 0), 1)
-    line_x = np.interp(x, epochs[[0, -1]], (left, W - right))
-    line_y = np.interp(y, ticks[[0, -1]], (H - bottom, top))
-    line = np.stack([line_x, line_y], axis=1).round().astype(np.int32)  # (n, 2)
-    cv2.polylines(img, [line], False, CURVE_COLOUR, 2, cv2.LINE_AA)
-    if len(line) <= 20:  # few points are marked: a single epoch shows as a dot
-        for px, py in line:
-            cv2.circle(img, (int(px), int(py)), 3, CURVE_COLOUR, -1, cv2.LINE_AA)
-    put(img, "epoch", (left + W - right) / 2, H - 6, align=0.5)
-    put(img, f"{title}: {fmt.format(y[-1])}", left, top - 12, scale=0.45)
+
+    def pixels(points):  # (n, 2) data -> (n, 2) pixel positions
+        px = np.interp(points[:, 0], xs[[0, -1]], (left, W - right))
+        py = np.interp(points[:, 1], ticks[[0, -1]], (H - bottom, top))
+        return np.stack([px, py], axis=1).round().astype(np.int32)
+    for k, (name, points) in enumerate(series.items()):
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        points = np.array(points, dtype=float)
+        at = np.unique(points[:, 0])
+        means = np.array([[x, points[points[:, 0] == x, 1].mean()] for x in at])
+        cv2.polylines(img, [pixels(means)], False, colour, 2, cv2.LINE_AA)
+        if len(points) <= 20:  # few points are marked: a single one shows as a dot
+            for px, py in pixels(points):
+                cv2.circle(img, (int(px), int(py)), 3, colour, -1, cv2.LINE_AA)
+        if legend:
+            put(img, name, left + 6, top + 16 + 15 * k, color=colour)  # the legend, top left
+    put(img, xlabel, (left + W - right) / 2, H - 6, align=0.5)
+    put(img, title, left, top - 12, scale=0.45)
     return img
 
 

@@ -527,6 +527,39 @@ def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
     assert all(curve[:, k * 360:(k + 1) * 360].sum() > 50 for k in range(3))
 
 
+def test_efficiency_study_summarises_its_runs(tmp_path, capsys):
+    # Fine-tuning logs as the README's study leaves them: two starts x two label counts x two seeds,
+    # one run from a numbered checkpoint, one unfinished; the pre-training log with its k-NN probe.
+    study = tmp_path / "study"
+
+    def run(name, finetune, per_class, seed, top1):
+        rows = [{"config": {"finetune": finetune, "per_class": per_class, "seed": seed}}, {"epoch": 0}]
+        rows += [{"test": {"top1": top1}}] if top1 is not None else []
+        (study / name).mkdir(parents=True)
+        (study / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    top1 = {("none", 10): [0.5, 0.7], ("pre/checkpoint-latest.pth", 10): [0.9, 1.0],
+            ("none", 2): [0.2, 0.2], ("pre/checkpoint-latest.pth", 2): [0.4, 0.6]}
+    for (init, n), values in top1.items():
+        for seed, value in enumerate(values):
+            run(f"{n}-{seed}-{init[:4]}", init, n, seed, value)
+    run("epoch-49", "pre/checkpoint-0049.pth", 10, 0, 0.8)
+    run("unfinished", "none", 5, 0, None)
+    (tmp_path / "pre").mkdir()
+    knn = [{"config": {}}, {"epoch": 49, "knn_top1": 0.3}, {"epoch": 99, "knn_top1": 0.4}]
+    (tmp_path / "pre" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in knn))
+    evaluate.efficiency(study, tmp_path / "pre")
+    out = capsys.readouterr().out
+    assert "| 10 | 50.0% / 70.0% | 60.0% | 90.0% / 100.0% | 95.0% |" in out  # scratch, then VideoMAE
+    assert "| 2 | 20.0% / 20.0% | 20.0% | 40.0% / 60.0% | 50.0% |" in out
+    assert "| 5 |" not in out  # the unfinished run
+    assert "| 50 | 30.0% | 80.0% |" in out and "| 100 | 40.0% | - |" in out  # checkpoint-0049: 50 epochs
+    img = cv2.imread(str(study / "efficiency.png"))
+    assert img.shape == (250, 2 * 360, 3)
+    for colour in plots.SERIES_COLOURS[:2]:  # each start's line in the first panel, the probe's in the second
+        assert (img[:, :360] == colour).all(-1).sum() > 50
+    assert (img[:, 360:] == plots.SERIES_COLOURS[0]).all(-1).sum() > 50
+
+
 def test_confusion_png_prints_each_share_in_its_cell():
     from evaluate import confusion_png
     import tempfile
