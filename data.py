@@ -146,7 +146,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.segments, self.crops = test_num_segment, test_num_crop
         self.views = test_num_segment * test_num_crop if mode == 'test' else num_sample  # V
         self.max_bad_fraction = max_bad_fraction
-        self.bad = set()  # unreadable files, skipped untried (each epoch's workers inherit it)
+        self.bad = set()  # unreadable files, skipped untried (workers started later inherit it)
         self.frames = {}  # in_memory: path -> every BGR frame (n, H, W, 3); small sets decode once
         if in_memory:
             paths = sorted({path for path, _ in self.samples})

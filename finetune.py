@@ -29,8 +29,8 @@ import data
 import engine
 import evaluate
 import model as models
-from weights import (RunFolder, atomic_write, canonical_weights, checkpoint_config, load_checkpoint,
-                     read_file)
+from weights import (RunFolder, atomic_write, canonical_weights, checkpoint_config, from_main,
+                     load_checkpoint, read_file)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/
 # ..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are run_class_finetuning.py's
@@ -122,7 +122,7 @@ def main(argv=None):
     # The checkpoint to resume: its weights replace any others.
     resuming = None  # a training run's own newest checkpoint: its weights replace any others
     if not (args.eval or args.knn):
-        resuming = RunFolder(args.output_dir).resume_path(args.resume)
+        resuming = RunFolder(args.output_dir, ctx.main).resume_path(args.resume)  # rank 0's
     weights = None if resuming else initial_weights(args)
     net, _ = build_classifier(args, weights, ctx, resuming)
     if args.knn or args.eval:
@@ -200,7 +200,9 @@ def build_classifier(args, weights, ctx, resuming=None):
     """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input
     size, frames and stride not given as flags come from the configuration of the checkpoint to
     resume, else of `weights`. Returns (net, that configuration)."""
-    saved = checkpoint_config(resuming or weights) if resuming or weights else {}
+    saved = {}
+    if resuming or weights:  # rank 0's reading: the newest checkpoint may be on its disk only
+        saved = from_main(checkpoint_config(resuming or weights) if ctx.main else None)
     inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
     if inherited:
         vars(args).update(inherited)

@@ -223,7 +223,7 @@ class RunFolder:
             path = resume or (self.latest if os.path.exists(self.latest) else None)
             if path and not os.path.exists(path):
                 error = f"error: --resume {path}: no such file"
-        path, error = _from_main((path, error))
+        path, error = from_main((path, error))
         if error:
             raise SystemExit(error if self.main else 1)  # one line, from rank 0
         return path
@@ -237,7 +237,7 @@ class RunFolder:
             seen = [None] * _world()
             dist.all_gather_object(seen, ckpt is not None)
             if not all(seen):
-                ckpt = _from_main(ckpt)
+                ckpt = from_main(ckpt)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and not ckpt["scaler"]:  # saved with the scaler off
@@ -299,8 +299,8 @@ def _world():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _from_main(obj):
-    """`obj` as the main process (rank 0) holds it, on every process."""
+def from_main(obj):
+    """`obj` as the main process (rank 0) holds it, on every process (each must call this)."""
     if _world() == 1:
         return obj
     box = [obj]
