@@ -7,13 +7,14 @@
     python bench.py --smoke                  # every row at toy sizes, in well under a minute
 
 Model rows: forward + backward + AdamW step (fused where torch has it) of our VideoMAE and of
-transformers' VideoMAEForPreTraining built to the same sizes, on the same clip and tube mask.
-TFLOP/s count training matmul FLOPs (model.VideoMAE.flops_per_clip); MFU divides them by a square
-matmul's speed in the same dtype, measured in the same run (on a GPU fp32 means TF32 matmuls, as
-pretrain.py trains). Memory is the peak of a step above what was allocated before it (weights, AdamW
-state, input), median of up to 3 steps: torch.cuda.max_memory_allocated on a GPU; on a Linux CPU the
-resident high-water mark (VmHWM, reset through /proc/self/clear_refs after glibc's malloc_trim has
-handed freed memory back), which also counts memory the allocator keeps cached.
+transformers' VideoMAEForPreTraining built to the same sizes, on the same clip and tube mask, and of
+our fine-tuning classifier. TFLOP/s count training matmul FLOPs (model.VideoMAE.flops_per_clip); MFU
+divides them by a square matmul's speed in the same dtype, measured in the same run (on a GPU fp32
+means TF32 matmuls, as pretrain.py trains), and on known GPUs in bf16 by the datasheet's dense peak
+too (H100, H200: 989 TFLOP/s). Memory is the peak of a step above what was allocated before it
+(weights, AdamW state, input), median of up to 3 steps: torch.cuda.max_memory_allocated on a GPU; on
+a Linux CPU the resident high-water mark (VmHWM, reset through /proc/self/clear_refs after glibc's
+malloc_trim has handed freed memory back), which also counts memory the allocator keeps cached.
 
 Data rows: 16-frame clips at stride 4, cropped to 224, from UCF101-like videos written once into
 data/bench/ (320x240 XVID, 25 fps, 7 s). In one process on one thread: the decoder's floor (seek,
@@ -29,6 +30,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -39,6 +41,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import mask as masks
@@ -47,6 +50,8 @@ from engine import autocast
 from model import param_groups
 
 RATE = 4  # sampling rate: frames between a clip's frames
+# Dense bf16 peaks of NVIDIA's datasheets, TFLOP/s, by a part of the GPU's name (the first match)
+DATASHEET_BF16 = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}
 
 
 def race(contenders, reps, warmup, sync=lambda: None):
@@ -98,9 +103,9 @@ def with_adamw(net):
         return net, torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95))
 
 
-def build_ours(args, device):
+def build_ours(args, device, kind="pretrain"):
     torch.manual_seed(0)
-    net = models.build_model("pretrain", args.model, img_size=args.size, num_frames=args.frames)
+    net = models.build_model(kind, args.model, img_size=args.size, num_frames=args.frames)
     return with_adamw(net.to(device))
 
 
@@ -157,11 +162,18 @@ def model_rows(args, device, sync, rows):
     mask = masks.tube_mask(B, grid, args.mask_ratio, g).to(device)
     run_cell = args.decoder_mask == "run_cell"
     dmask = masks.running_cell_mask(B, grid, 0.5, g).to(device) if run_cell else None
+    n_hidden = masks.hidden_per_clip("tube", grid, args.mask_ratio)  # (fixed shapes: one graph)
+    counts = dict(num_hidden=n_hidden, num_not_rebuilt=masks.hidden_per_clip("run_cell", grid, 0.5))
     ours = torch.compile(net) if args.compile else net
     # bf16 and fp32 steps share one model
     dtypes = [args.dtype] + (["fp32"] if args.dtype == "bf16" else [])
-    steps = {f"ours {d}": train_step(lambda m: ours(video, m, dmask)[0], opt, d, device)
+    steps = {f"ours {d}": train_step(lambda m: ours(video, m, dmask, **counts)[0], opt, d, device)
              for d in dtypes}
+    vit, vit_opt = build_ours(args, device, "finetune")  # fine-tuning: every token, 400 classes
+    classify = torch.compile(vit) if args.compile else vit
+    labels = torch.arange(B, device=device) % 400
+    steps[f"finetune {args.dtype}"] = train_step(lambda m: F.cross_entropy(classify(video), labels),
+                                                 vit_opt, args.dtype, device)
     hf = build_hf(args, device)
     if hf:
         hf_video = video.transpose(1, 2).contiguous()
@@ -185,24 +197,30 @@ def model_rows(args, device, sync, rows):
     peak = {d: 2 * n**3 / t[f"matmul {d}"] / 1e12 for d in dtypes}
     for d in dtypes:
         row(rows, f"matmul peak {d} ({n}x{n})", f"{peak[d]:.3f} TFLOP/s", tflops=peak[d])
-    n_visible, n_hidden = int((~mask[0]).sum()), int(mask[0].sum())
+    n_visible = math.prod(grid) - n_hidden
     n_pred = n_hidden if dmask is None else int((~dmask[0]).sum())
     flops = {"ours": net.flops_per_clip(n_visible, n_pred),
-             "HF": net.flops_per_clip(n_visible, n_hidden)}
-    tag = f"{args.model} {B}x{T}x{S} mask {args.mask_ratio}" + ", compiled" * args.compile
+             "HF": net.flops_per_clip(n_visible, n_hidden),
+             "finetune": 3 * vit.flops(math.prod(grid))}  # (the head's: negligible)
+    tag = f"{args.model} {B}x{T}x{S}" + ", compiled" * args.compile
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    datasheet = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
     mem = {}
     for name, step in steps.items():
         who, d = name.split()
         peaks = [step_peak_mb(lambda: step(mask), device) for _ in range(min(args.reps, 3))]
         mem[name] = None if None in peaks else statistics.median(peaks)
         tf = flops[who] * B / t[name] / 1e12
-        decoder = args.decoder_mask if who == "ours" else "full"
+        decoder = {"ours": args.decoder_mask, "HF": "full"}.get(who)
+        what = f"mask {args.mask_ratio}, decoder {decoder}" if decoder else "every token"
         peak_text = "n/a" if mem[name] is None else f"+{mem[name]:.0f} MB"
-        row(rows, f"step {name} ({tag}, decoder {decoder})",
+        sheet = datasheet if d == "bf16" else None  # (TF32 and CPUs: the measured peak only)
+        sheet_text = f" ({tf / sheet:.0%} of the datasheet's {sheet})" if sheet else ""
+        row(rows, f"step {name} ({tag}, {what})",
             f"{t[name] * 1e3:.0f} ms  {B / t[name]:.2f} clips/s  {tf:.3f} TFLOP/s  "
-            f"MFU {tf / peak[d]:.0%}  peak {peak_text}",
+            f"MFU {tf / peak[d]:.0%}{sheet_text}  peak {peak_text}",
             ms=t[name] * 1e3, clips_per_s=B / t[name], tflops=tf, mfu=tf / peak[d],
-            peak_mb=mem[name])
+            mfu_datasheet=sheet and tf / sheet, peak_mb=mem[name])
 
     ours_hf = f"ours {args.dtype} / HF {args.dtype} step time"
     if dmask is not None:
@@ -397,7 +415,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
              f"cpu, torch threads {torch.get_num_threads()}, "
-             f"{torch.backends.cpu.get_cpu_capability()}")
+             f"{torch.backends.cpu.get_cpu_capability()}") + f", {os.cpu_count()} CPU cores"
     print(f"torch {torch.__version__} on {where}; medians of {args.reps} repetitions after "
           f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.2f}"
           + ("; smoke sizes: targets not judged" if args.smoke else ""))
@@ -413,12 +431,7 @@ def main():
 
     name_width, value_width = (max(len(r[k]) for r in rows) for k in ("name", "value"))
     for r in rows:
-        if r["met"] is None:
-            met = ""
-        elif r["met"]:
-            met = "yes"
-        else:
-            met = "NO"
+        met = {None: "", True: "yes", False: "NO"}[r["met"]]
         line = (f"{r['name']:<{name_width}}  {r['value']:<{value_width}}  "
                 f"{r['target'] or '':<7}  {met}")
         print(line.rstrip())

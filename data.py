@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import plots
-from model import IMAGENET_MEAN, IMAGENET_STD  # shared: loss targets undo this normalisation
+from model import IMAGENET_MEAN, IMAGENET_STD, imagenet_stats  # noqa: F401 (shared with the loss)
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
 # The folders of the official split files.
@@ -35,8 +35,7 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 def normalize(clips):
     """uint8 RGB (..., T, H, W, 3) -> ImageNet-normalised float32 (..., 3, T, H, W), same device."""
     x = clips.movedim(-1, -4).contiguous().float()  # reorder uint8 (1 byte a value), then convert
-    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1, 1) * 255
-                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (v.view(3, 1, 1, 1) * 255 for v in imagenet_stats(x.device))  # built once a device
     return x.sub_(mean).div_(std)
 
 
@@ -145,8 +144,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_sample, self.augment, self.crop_scale = num_sample, augment, tuple(crop_scale)
         self.flip = mode == 'train' if flip is None else flip
         self.segments, self.crops = test_num_segment, test_num_crop
+        self.views = test_num_segment * test_num_crop if mode == 'test' else num_sample  # V
         self.max_bad_fraction = max_bad_fraction
-        self.bad = set()  # unreadable files, skipped untried (each epoch's workers inherit it)
+        self.bad = set()  # unreadable files, skipped untried (workers started later inherit it)
         self.frames = {}  # in_memory: path -> every BGR frame (n, H, W, 3); small sets decode once
         if in_memory:
             paths = sorted({path for path, _ in self.samples})
@@ -157,27 +157,32 @@ class VideoDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        """item: a sample's index, or (index, epoch) from EpochSampler."""
+        i, epoch = item if isinstance(item, tuple) else (item, None)
         for substituted in range(len(self)):
             j = (i + substituted) % len(self)
             path = self.samples[j][0]
             if path in self.bad:
                 continue
             try:
-                clips = torch.from_numpy(self._load(j))
+                clips = torch.from_numpy(self._load(j, epoch))
                 return clips, self.samples[j][1], i, substituted, _TRUNCATED.get(path, 0)
             except VideoReadError:
                 self.bad.add(path)
         raise VideoReadError(f"none of the {len(self)} videos is readable; "
                              f"run `python data.py --check DATA_PATH`")
 
-    def _load(self, j):
-        """The views of sample j, uint8 (V, T, H, W, 3); VideoReadError for an unreadable file."""
+    def _load(self, j, epoch=None):
+        """The views of sample j, uint8 (V, T, H, W, 3); VideoReadError for an unreadable file. Its
+        random draws come from (seed, j, epoch): new each epoch, replayed on resume, the same in any
+        worker; without an epoch, from torch's RNG."""
         path = self.samples[j][0]
         video = self.frames.get(path)
         cap, n = _open(path) if video is None else (None, len(video))
-        # From torch's RNG, re-seeded per worker and epoch: new each epoch, replayed on resume.
-        rng = np.random.default_rng([self.seed, j, int(torch.randint(2 ** 62, ()))])
+        if epoch is None:  # a draw of torch's RNG in its place
+            epoch = int(torch.randint(2 ** 62, ()))
+        rng = np.random.default_rng([self.seed, j, epoch])
         clips = clip_indices(n, self.mode, self.T, self.rate, self.sampling, rng, self.segments)
         if self.mode != 'test':  # repeated sampling, as the reference's fine-tuning: the same
             clips = clips * self.num_sample  # frames, num_sample crops
@@ -197,6 +202,14 @@ class VideoDataset(torch.utils.data.Dataset):
             if self.mode == 'train' and self.augment:
                 self.augment(view, rng)  # on the crop (the reference: on whole frames, before it)
         return out
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler whose items are (index, epoch): DataLoader workers kept from epoch to
+    epoch (persistent_workers) keep their own RNG, so the epoch comes with each item instead."""
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in super().__iter__())
 
 
 # -------------------------------------------------------------------------------- data sets on disk

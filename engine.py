@@ -64,6 +64,8 @@ def common_parser(doc, recipes, demo):
     arg("--clip_grad", type=float, help="clip the gradient norm to this value")
     arg("--num_workers", type=int, help="loading processes per GPU (default: up to 8; 0 in memory)")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
+    arg("--latest_every", type=float, default=10, help="minutes between two writes of the newest "
+        "checkpoint besides numbered and last epochs (a kill loses at most that); 0: every epoch")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast (default: bf16 on GPUs)")
     arg("--compile", action="store_true", help="torch.compile the model")
@@ -106,8 +108,13 @@ def finish_args(parser, argv, recipes, demo):
     for name in AT_LEAST_ONE:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda:") and "LOCAL_RANK" in os.environ:
+        parser.error(f"--device {args.device}: under torchrun each process takes the GPU of its "
+                     f"LOCAL_RANK; give --device cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    if args.device == "cuda":  # each process its own GPU: torchrun's LOCAL_RANK (else the first)
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return args
 
 
@@ -122,8 +129,7 @@ class Context:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.main = self.rank == 0
         self.device = torch.device(args.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if self.device.type == "cuda":  # cuda:N, from finish_args
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.world > 1:  # nccl between GPUs, gloo between CPU processes
@@ -158,11 +164,6 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
-def leave_process_group(ctx):
-    if ctx.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def refuse(message):
     """A mistake found before training starts: one line on stderr, exit status 2 (as argparse)."""
     print(f"error: {message}", file=sys.stderr)
@@ -175,20 +176,24 @@ def fail(message, ctx, bar=None):
     if bar is not None:
         bar.close()
     ctx.print(message)
-    leave_process_group(ctx)
+    if ctx.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
     sys.exit(1)
 
 
 # ------------------------------------------------------------------------- loaders, model, schedule
 
 def make_loader(dataset, args, ctx, train):
-    """A DataLoader over this process's share of the videos (shuffled for training)."""
-    from torch.utils.data import DataLoader, DistributedSampler
-    sampler = DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed,
-                                 drop_last=train)
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        drop_last=train, pin_memory=ctx.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if args.num_workers else None)
+    """A DataLoader over this process's share of the videos; for training shuffled, its workers kept
+    across epochs. A test batch holds at most a training batch's clips (or one video's views), so
+    its workers' prefetched batches fit where training's do (16 x 15 views would be 578 MB each)."""
+    sampler = data.EpochSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed,
+                                drop_last=train)
+    batch = args.batch_size if train else max(1, args.batch_size * args.num_sample // dataset.views)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch, sampler=sampler, num_workers=args.num_workers, drop_last=train,
+        pin_memory=ctx.device.type == "cuda", persistent_workers=train and args.num_workers > 0,
+        prefetch_factor=4 if args.num_workers else None)
     if train and len(loader) < args.accum_iter:  # not one whole step: the loop would run none
         per_step = args.batch_size * ctx.world * args.accum_iter
         fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x "
@@ -252,11 +257,10 @@ class Meter:
         self.epoch, self.loader = epoch, loader
         self.num_steps = len(loader) // self.args.accum_iter  # whole optimizer steps only
         self.batches_done, self.clips, self.substituted, self.wait = 0, 0, 0, 0.0
-        self.loss_sum = torch.zeros((), device=self.ctx.device)
-        self.lr = None
+        self.loss_sum, self.lr = torch.zeros((), device=self.ctx.device), None
         self.bar = tqdm(total=self.num_steps, desc=f"epoch {epoch}", disable=not self.ctx.main,
                         dynamic_ncols=True)
-        loader.dataset.bad |= run.bad_videos.unreadable  # this epoch's workers skip these
+        loader.dataset.bad |= run.bad_videos.unreadable  # workers started from now skip these
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         self.start = time.perf_counter()
@@ -283,7 +287,8 @@ class Meter:
             self.run.bad_videos.add(index, substituted, truncated)
             self.substituted += int(substituted.sum())
             video = data.normalize(video.to(self.ctx.device, non_blocking=True).flatten(0, 1))
-            labels = labels.to(self.ctx.device).repeat_interleave(self.args.num_sample)
+            labels = labels.to(self.ctx.device, non_blocking=True)  # (pinned: no host sync)
+            labels = labels.repeat_interleave(self.args.num_sample)
             self.clips += video.shape[0]
             yield video, labels, k == self.args.accum_iter - 1
 
@@ -327,10 +332,10 @@ class Meter:
 
 
 class BadVideos:
-    """A training run's record of damaged videos, from what the dataset's items report. Workers
-    restart every epoch and each loads only its share, so the record lives here, synchronised across
-    the `world` processes: each file is named once per run, and the unreadable ones of all workers
-    and processes count against the dataset's max_bad_fraction."""
+    """A training run's record of damaged videos, from what the dataset's items report. Each worker
+    loads only its share and knows only the broken files it met, so the record lives here,
+    synchronised across the `world` processes: each file is named once per run, and the unreadable
+    ones of all workers and processes count against the dataset's max_bad_fraction."""
 
     def __init__(self, dataset, world=1, main=True):
         self.samples, self.world, self.main = dataset.samples, world, main
@@ -386,7 +391,7 @@ class Run:
     def __init__(self, args, ctx, net, optimizer, train_set=None):
         self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
-        self.folder = RunFolder(args.output_dir, ctx.main)
+        self.folder = RunFolder(args.output_dir, ctx.main, 60 * args.latest_every)
         self.latest = self.folder.latest
         self.bad_videos = None  # a training run's record of damaged videos
         if train_set is not None:
@@ -397,9 +402,9 @@ class Run:
             ctx.print(f"evaluation: its lines are appended to {self.folder.log_path}")
             self.folder.log({**config, "evaluation": True})
             return
-        resume = self.folder.resume_path(args.resume)  # --resume, else the newest here
+        resume = self.folder.resume_path(args.resume)  # --resume, else the newest: rank 0's choice
         if resume:
-            self.start_epoch = self.folder.restore(resume, net, optimizer, self.scaler)
+            self.start_epoch = self.folder.restore(resume, net, optimizer, self.scaler, ctx.print)
             ctx.print(f"resumed from {resume}: epoch {self.start_epoch} of {args.epochs}")
         self.folder.start(config, self.start_epoch if resume else None)
 
@@ -423,18 +428,14 @@ class Run:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def log(self, record):
-        self.folder.log(record)
-
     def numbered(self, epoch):
-        """The epochs with a numbered checkpoint and held-out figures: every save_ckpt_freq, the
-        last."""
+        """Epochs with a numbered checkpoint and held-out figures: each save_ckpt_freq, the last."""
         return (epoch + 1) % self.args.save_ckpt_freq == 0 or epoch + 1 == self.args.epochs
 
     def end_epoch(self, epoch, stats, picture=None):
-        """Log the epoch, then checkpoint it (the newest; a numbered one, and then picture(path), if
-        given, draws recon-NNNN.png beside it)."""
-        self.log(stats)
+        """Log the epoch, then checkpoint it (the newest when due, --latest_every; a numbered one,
+        and then picture(path), if given, draws recon-NNNN.png beside it)."""
+        self.folder.log(stats)
         self.folder.draw_curves()
         ckpt = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "config": vars(self.args)}
@@ -445,4 +446,5 @@ class Run:
         self.ctx.print(" ".join(figures))
 
     def close(self):
-        leave_process_group(self.ctx)
+        if self.ctx.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -114,7 +114,7 @@ def multi_view_test(net, dataset, args, ctx, run, classes):
         line += (f"; {scores['unreadable']} unreadable, not scored: "
                  f"{', '.join(scores['unreadable_files'])}")
     ctx.print(line)
-    run.log({"test": scores})
+    run.folder.log({"test": scores})
     name = "confusion.png"
     if run.optimizer is None:
         k = 1  # an evaluation never replaces the training run's picture, nor an earlier one's
@@ -229,7 +229,7 @@ def reconstruction_scores(net, samples, args, ctx, most=256):
                 loss = net(video, mask)[0].float()
             patches = models.patchify(video, enc.tubelet_size, enc.patch_size)
             target = models.reconstruction_target(patches, net.norm_pix_loss)
-            hidden = models.select(target, mask)
+            hidden = models.gather(target, models.split_tokens(mask)[1])
             mean_visible, nearest_visible = trivial_predictions(target, mask, enc.grid)
             losses = [loss.item(), F.mse_loss(mean_visible, hidden).item(),
                       F.mse_loss(nearest_visible, hidden).item()]

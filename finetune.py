@@ -29,8 +29,8 @@ import data
 import engine
 import evaluate
 import model as models
-from weights import (RunFolder, atomic_write, canonical_weights, checkpoint_config, load_checkpoint,
-                     read_file)
+from weights import (RunFolder, atomic_write, canonical_weights, checkpoint_config, from_main,
+                     load_checkpoint, read_file)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/
 # ..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are run_class_finetuning.py's
@@ -122,7 +122,7 @@ def main(argv=None):
     # The checkpoint to resume: its weights replace any others.
     resuming = None  # a training run's own newest checkpoint: its weights replace any others
     if not (args.eval or args.knn):
-        resuming = RunFolder(args.output_dir).resume_path(args.resume)
+        resuming = RunFolder(args.output_dir, ctx.main).resume_path(args.resume)  # rank 0's
     weights = None if resuming else initial_weights(args)
     net, _ = build_classifier(args, weights, ctx, resuming)
     if args.knn or args.eval:
@@ -147,13 +147,13 @@ def main(argv=None):
     model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel by torchrun
 
     for epoch in range(run.start_epoch, args.epochs):
-        generator = engine.start_epoch(epoch, sampler, args, ctx)  # mixup and cutmix draw from it
+        engine.start_epoch(epoch, sampler, args, ctx)  # seeds torch's RNG: mixup and cutmix draw
         # The progress bar, loss, clips/s, damaged videos and the check that the loss is finite.
         meter = engine.Meter(run, epoch, loader)
         for step, batches in meter.steps():
             lr = run.set_lr(engine.lr_at(epoch + step / meter.num_steps, args))  # warmup + cosine
             for video, labels, last in batches:  # video (B, 3, T, H, W), ImageNet-normalised
-                video, target = mix(video, labels, args.nb_classes, args, generator)  # soft targets
+                video, target = mix(video, labels, args.nb_classes, args)  # soft targets
                 with engine.gradient_sync(model, last), engine.autocast(args, ctx):
                     loss = soft_cross_entropy(model(video), target)
                 run.backward(loss)  # accumulated over --accum_iter micro-batches
@@ -200,7 +200,9 @@ def build_classifier(args, weights, ctx, resuming=None):
     """The VideoViT with `weights` loaded (None: from scratch), on the device. Model size, input
     size, frames and stride not given as flags come from the configuration of the checkpoint to
     resume, else of `weights`. Returns (net, that configuration)."""
-    saved = checkpoint_config(resuming or weights) if resuming or weights else {}
+    saved = {}
+    if resuming or weights:  # rank 0's reading: the newest checkpoint may be on its disk only
+        saved = from_main(checkpoint_config(resuming or weights) if ctx.main else None)
     inherited = {k: saved[k] for k in SIZE_KEYS if k in saved and k in args.recipe_defaults}
     if inherited:
         vars(args).update(inherited)
@@ -225,7 +227,7 @@ def score_only(net, train_samples, test_samples, classes, args, ctx):
         ctx.print(f"k-NN (k {scores['k']}) from {len(train_samples)} training videos to "
                   f"{scores['num_videos']} test videos: top-1 {scores['top1']:.2%}, "
                   f"top-5 {scores['top5']:.2%}")
-        run.log({"knn": scores})
+        run.folder.log({"knn": scores})
     else:
         test_set = test_dataset(test_samples, args, args.test_num_segment, args.test_num_crop,
                                 args.in_memory)
@@ -275,9 +277,12 @@ def predict(args, ctx):
 
 # ----------------------------------------------------------------- mixup / cutmix with soft targets
 
-def mix(video, labels, num_classes, args, gen):
+def mix(video, labels, num_classes, args, gen=None):
     """Mixup or CutMix (one box, cut out of every frame) of the batch with itself reversed, and
-    label-smoothed soft targets. Returns (video, targets (B, num_classes) summing to one)."""
+    label-smoothed soft targets. Returns (video, targets (B, num_classes) summing to one). The draws
+    steer Python code, so they come from a CPU generator (default: torch's, seeded per epoch): drawn
+    on a GPU, each would make the host wait for it."""
+    gen = gen or torch.default_generator
     off = args.smoothing / num_classes
     target = torch.full((len(labels), num_classes), off, device=video.device)
     target.scatter_(1, labels[:, None], 1.0 - args.smoothing + off)

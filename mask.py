@@ -57,9 +57,21 @@ def running_cell_mask(batch_size, grid, ratio=0.5, generator=None, device=None):
     return (slot < hidden_per_cell).reshape(batch_size, t * h * w)
 
 
-
-
 MASKS = {"tube": tube_mask, "random": random_mask}
+
+
+def hidden_per_clip(kind, grid, ratio):
+    """How many tokens a mask of `kind` ('tube', 'random' or 'run_cell') hides in each clip: the
+    same in every clip, known from kind, grid and ratio alone, without drawing a mask. The model
+    takes it to gather the tokens with shapes fixed in advance (model.split_tokens)."""
+    t, h, w = grid
+    if kind == "tube":
+        return t * int(ratio * h * w)
+    if kind == "random":
+        return int(ratio * t * h * w)
+    if kind == "run_cell":
+        return t * h * w // 4 * int(4 * ratio)  # int(4*ratio) of each 2x2 cell, in every slice
+    raise ValueError(f"unknown mask kind {kind!r}; choose tube, random or run_cell")
 
 
 def show(mask, grid):

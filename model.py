@@ -31,6 +31,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # clips come in normalised with these; th
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TUBELET_SIZE = 2  # Sec. 3.3, cube embedding: one token per 2 frames x 16 x 16 pixels
 PATCH_SIZE = 16
+_STATS = {}  # (device, channels) -> ImageNet mean and std as tensors there
+
+
+def imagenet_stats(device, channels=3):
+    """IMAGENET_MEAN and IMAGENET_STD as tensors (channels,) on `device`, built once: a tensor
+    built from Python numbers is a copy from the host, which on a GPU waits for the queued work."""
+    key = (torch.device(device), channels)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v[:channels], device=device)
+                            for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _STATS[key]
 
 
 # -------------------------------------------------------------- Sec. 3.3: cube embedding, positions
@@ -104,8 +115,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, queries=None):
-        """queries: attend from the last `queries` tokens only (every token is still a key and a
-        value)."""
+        """queries: attend from the last `queries` tokens only (all tokens stay keys and values)."""
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, C // self.num_heads)
@@ -147,8 +157,7 @@ class Block(nn.Module):
 
 
 def run_blocks(blocks, x, grad_checkpointing, queries=None):
-    """The blocks in turn; with `queries`, the last one computes only the last `queries` tokens'
-    outputs."""
+    """The blocks in turn; with `queries`, the last one computes the last `queries` tokens' only."""
     for i, block in enumerate(blocks):
         q = queries if i == len(blocks) - 1 else None
         if grad_checkpointing and x.requires_grad:  # recomputed in backward: less memory
@@ -159,8 +168,7 @@ def run_blocks(blocks, x, grad_checkpointing, queries=None):
 
 
 def init_weights(module, linear_init):
-    """Reference init: Linear by `linear_init` with zero bias, LayerNorm 1/0. Conv3d keeps torch's
-    default."""
+    """Reference init: Linear by `linear_init`, zero bias; LayerNorm 1/0; Conv3d keeps torch's."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             linear_init(m.weight)
@@ -188,10 +196,22 @@ def blocks_flops(blocks, num_tokens, queries=None):
 
 # ---------------------------------------------------------------------------- Sec. 3.3: the encoder
 
-def select(x, keep):
-    """The tokens of x (B, N, D) where keep (B, N) is True, in order: (B, n, D). Every clip's mask
-    keeps n."""
-    return x[keep].view(x.shape[0], -1, x.shape[-1])
+def split_tokens(mask, num_true=None):
+    """Token indices of each clip where mask (B, N) is False, (B, N - num_true), and where it is
+    True, (B, num_true), in token order (MAE's ids_keep): a stable sort of the 0/1 values puts the
+    False ones first. Every mask hides as many tokens in every clip (mask.hidden_per_clip): with
+    num_true given, shapes are fixed and no mask value is read on the host, where x[mask] has a
+    shape that depends on the values (a GPU waits, torch.compile breaks its graph there)."""
+    if num_true is None:
+        num_true = int(mask[0].sum())  # one host sync
+    order = mask.to(torch.uint8).argsort(dim=1, stable=True)  # (B, N): False tokens, then True
+    num_false = mask.shape[1] - num_true
+    return order[:, :num_false], order[:, num_false:]
+
+
+def gather(x, ids):
+    """The tokens of x (B, N, D) at ids (B, n), in that order: (B, n, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class Encoder(nn.Module):
@@ -222,8 +242,7 @@ class Encoder(nn.Module):
         self.grad_checkpointing = False
 
     def patches(self, video):
-        """A clip (B, C, T, H, W) cut into tokens: (B, N, P*C); any multiple of the tubelet and
-        patch sizes."""
+        """A clip (B, C, T, H, W) cut into tokens (B, N, P*C); any multiple of tubelet and patch."""
         _, C, T, H, W = video.shape
         pt, p = self.tubelet_size, self.patch_size
         if C != self.in_chans or T % pt or H % p or W % p:
@@ -231,14 +250,14 @@ class Encoder(nn.Module):
                              f"{self.in_chans}, tubelet {pt}, patch {p}")
         return patchify(video, self.tubelet_size, self.patch_size)
 
-    def forward(self, patches, mask=None, final_norm=True):
-        """patches (B, N, P*C) from patchify; mask (B, N) True = hidden. Returns (B, N_visible,
-        embed_dim)."""
+    def forward(self, patches, visible=None, final_norm=True):
+        """patches (B, N, P*C) from patchify; visible (B, N_vis) the indices of the tokens to
+        encode (split_tokens), None for all. Returns (B, N_vis, embed_dim)."""
         B, N, _ = patches.shape
         pos = positions(self.pos_embed, N).expand(B, -1, -1)
-        if mask is not None:  # keep the visible tokens, in their original order
-            patches = select(patches, ~mask)
-            pos = select(pos, ~mask)
+        if visible is not None:  # keep the visible tokens only
+            patches = gather(patches, visible)
+            pos = gather(pos, visible)
         x = self.patch_embed(patches) + pos  # (B, N_vis, D)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x) if final_norm else x
@@ -287,8 +306,7 @@ def reconstruction_target(patches, norm_pix_loss=True, channels=3):
     torch.var_mean's one-pass kernel."""
     B, n, D = patches.shape
     x = patches.view(B, n, D // channels, channels)  # (B, n, P, C): channel fastest, as patchify
-    mean = x.new_tensor(IMAGENET_MEAN[:channels])
-    std = x.new_tensor(IMAGENET_STD[:channels])
+    mean, std = imagenet_stats(x.device, channels)
     if not norm_pix_loss:
         return (x * std + mean).view(B, n, D)
     x = x - x.mean(dim=2, keepdim=True)
@@ -300,9 +318,11 @@ class VideoMAE(nn.Module):
     """Pre-training model (Fig. 1): an encoder over the visible tokens, a narrow decoder that
     rebuilds pixels.
 
-    forward(video, mask, decode_mask=None) -> (loss, pred)
+    forward(video, mask, decode_mask=None, num_hidden=None, num_not_rebuilt=None) -> (loss, pred)
       video (B, 3, T, H, W), ImageNet-normalised; mask (B, N) True = hidden from the encoder;
       decode_mask (B, N) True = not rebuilt (VideoMAE V2 dual masking); None = every hidden token.
+      num_hidden, num_not_rebuilt: True entries per clip of mask and decode_mask (the same in
+        every clip: mask.hidden_per_clip); given, shapes are fixed and no mask value is read back.
       pred (B, N_pred, tubelet*patch*patch*3): the rebuilt tokens in token order, their pixels in
         (t, h, w, c) order.
       loss: mean squared error against reconstruction_target() over the hidden, rebuilt tokens.
@@ -330,29 +350,31 @@ class VideoMAE(nn.Module):
         self.encoder_to_decoder.reset_parameters()
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
-    def forward(self, video, mask, decode_mask=None):
+    def forward(self, video, mask, decode_mask=None, num_hidden=None, num_not_rebuilt=None):
         patches = self.encoder.patches(video)  # (B, N, P*C), shared by the encoder and the loss
         B, N, _ = patches.shape
         if mask.shape != (B, N):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {B} clips of {N} "
                              f"tokens (grid {self.encoder.grid})")
-        rebuild = mask if decode_mask is None else ~decode_mask  # the tokens asked of the decoder
-        with torch.no_grad():  # the target first, while little memory is in use
-            target = reconstruction_target(select(patches, rebuild).float(), self.norm_pix_loss,
-                                           self.encoder.in_chans)
-        num_queries = target.shape[1]
+        visible, hidden = split_tokens(mask, num_hidden)  # token indices, (B, N_vis), (B, N_hid)
+        # the tokens asked of the decoder, (B, N_pred)
+        rebuild = hidden if decode_mask is None else split_tokens(decode_mask, num_not_rebuilt)[0]
+        num_queries = rebuild.shape[1]
         if num_queries == 0:  # (the decoder's last block would read queries=0 as "every token")
             raise ValueError("the masks leave no token to rebuild (none hidden, or none asked of the "
                              "decoder); raise the mask ratio")
+        with torch.no_grad():  # the target first, while little memory is in use
+            target = reconstruction_target(gather(patches, rebuild).float(), self.norm_pix_loss,
+                                           self.encoder.in_chans)
 
         # The encoder sees the visible tokens only.
-        x = self.encoder_to_decoder(self.encoder(patches, mask))  # (B, N_vis, D_dec)
+        x = self.encoder_to_decoder(self.encoder(patches, visible))  # (B, N_vis, D_dec)
         del patches  # not needed by the decoder: free it before the decoder's activations pile up
         # The decoder: the visible tokens' codes, then a mask token for each token to
         # rebuild, all with positions.
         pos = positions(self.decoder.pos_embed, N).expand(B, -1, -1)
-        queries = self.mask_token + select(pos, rebuild)  # (B, N_pred, D_dec)
-        x = torch.cat([x + select(pos, ~mask), queries], dim=1)
+        queries = self.mask_token + gather(pos, rebuild)  # (B, N_pred, D_dec)
+        x = torch.cat([x + gather(pos, visible), queries], dim=1)
         pred = self.decoder(x, num_queries, self.encoder.grad_checkpointing)  # (B, N_pred, P*C)
 
         # The loss: mean squared error over the hidden tokens' pixels.
@@ -360,12 +382,11 @@ class VideoMAE(nn.Module):
             return F.mse_loss(pred.float(), target), pred
         # VideoMAE V2: visible tokens may be among the rebuilt ones; they are not scored
         err = F.mse_loss(pred.float(), target, reduction="none").mean(dim=-1)  # (B, N_pred)
-        scored = mask[rebuild].view(B, num_queries)
+        scored = mask.gather(1, rebuild)  # (B, N_pred): True where hidden
         return (err * scored).sum() / scored.sum().clamp(min=1), pred
 
     def flops_per_clip(self, n_visible, n_pred, training=True):
-        """Matmul FLOPs for one clip with n_visible encoder tokens and n_pred decoder queries; x3
-        for training."""
+        """Matmul FLOPs of a clip: n_visible encoder tokens, n_pred decoder queries; x3 to train."""
         f = self.encoder.flops(n_visible) + 2 * n_visible * self.encoder_to_decoder.weight.numel()
         f += blocks_flops(self.decoder.blocks, n_visible + n_pred, queries=n_pred)
         f += 2 * n_pred * self.decoder.head.weight.numel()
@@ -395,8 +416,7 @@ class VideoViT(Encoder):
 
 
 def build_model(kind, preset, **kwargs):
-    """VideoMAE ('pretrain') or VideoViT ('finetune') from a preset name, any constructor argument
-    overridden."""
+    """VideoMAE ('pretrain') or VideoViT ('finetune') of a preset, any constructor argument set."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model '{preset}'; choose one of {', '.join(PRESETS)}")
     if kind == "pretrain":

@@ -5,9 +5,9 @@
 
 Each step hides most of each clip's tubelets (tube masking), has the encoder look at the rest, has
 the decoder rebuild the hidden pixels, and descends their mean squared error. Everything lands in
---output_dir: log.jsonl, checkpoint-latest.pth, and every --save_ckpt_freq epochs
-checkpoint-NNNN.pth with the held-out figures and a reconstruction picture recon-NNNN.png. Running
-the same command again resumes from the newest checkpoint.
+--output_dir: log.jsonl, checkpoint-latest.pth (at most every --latest_every minutes), and every
+--save_ckpt_freq epochs checkpoint-NNNN.pth with the held-out figures and a reconstruction picture
+recon-NNNN.png. Running the same command again resumes from the newest checkpoint.
 """
 import functools
 
@@ -97,6 +97,9 @@ def main(argv=None):
     grid = net.encoder.grid  # (t, h, w) tokens of a clip
     make_mask = masks.MASKS[args.mask_type]
     n_visible = int((~make_mask(1, grid, args.mask_ratio, generator=torch.Generator())).sum())
+    # Every clip's masks hide as many tokens: the model gathers them with fixed shapes.
+    counts = {"num_hidden": masks.hidden_per_clip(args.mask_type, grid, args.mask_ratio),
+              "num_not_rebuilt": masks.hidden_per_clip("run_cell", grid, args.decoder_mask_ratio)}
     ctx.print(f"{len(dataset)} videos, {len(loader) // args.accum_iter} steps/epoch, {grid} tokens "
               f"per clip, {n_visible} visible")
     clip = dataset[0][0][:1]  # one fixed clip, for the reconstruction picture of each checkpoint
@@ -116,7 +119,7 @@ def main(argv=None):
                     decode_mask = masks.running_cell_mask(B, grid, args.decoder_mask_ratio,
                                                           generator=generator, device=ctx.device)
                 with engine.gradient_sync(model, last), engine.autocast(args, ctx):
-                    loss, pred = model(video, mask, decode_mask)  # MSE on the hidden tubelets
+                    loss, pred = model(video, mask, decode_mask, **counts)  # MSE, hidden tubelets
                 run.backward(loss)  # accumulated over --accum_iter micro-batches
                 meter.record(loss, lr)
             run.step()  # AdamW on the accumulated gradient (clipped with --clip_grad)

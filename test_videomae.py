@@ -29,6 +29,12 @@ def tiny_mae(**kw):
     return MD.VideoMAE(**{**TINY, **kw})
 
 
+def mask_counts(grid, ratio, kind="tube", decoder_ratio=0.5):
+    """Tokens hidden per clip by the encoder's and the decoder's masks, as pretrain.py gives them to the model."""
+    return dict(num_hidden=M.hidden_per_clip(kind, grid, ratio),
+                num_not_rebuilt=M.hidden_per_clip("run_cell", grid, decoder_ratio))
+
+
 def tiny_vit(num_classes=5, **kw):
     torch.manual_seed(0)
     sizes = {k: v for k, v in TINY.items() if not k.startswith("decoder_")}
@@ -74,6 +80,24 @@ def test_running_cell_mask_matches_the_rolled_cell():
     assert (m.float().mean(1) == ratio).all()  # each token rebuilt in half of the slices
     with pytest.raises(ValueError, match="even"):
         M.running_cell_mask(1, (2, 3, 4), 0.5)
+
+
+def test_every_mask_hides_a_count_known_in_advance_and_split_tokens_selects_as_a_boolean_mask():
+    g = torch.Generator().manual_seed(0)
+    for grid in [(2, 4, 4), (8, 14, 14), (3, 6, 10)]:
+        for ratio in (0.25, 0.5, 0.75, 0.9):
+            for kind, draw in [*M.MASKS.items(), ("run_cell", M.running_cell_mask)]:
+                m = draw(5, grid, ratio, generator=g)
+                n = M.hidden_per_clip(kind, grid, ratio)
+                assert (m.sum(1) == n).all(), (kind, grid, ratio)
+                shown, hidden = MD.split_tokens(m, n)
+                assert shown.shape == (5, math.prod(grid) - n) and hidden.shape == (5, n)
+                x = torch.randn(5, math.prod(grid), 3, generator=g)
+                assert torch.equal(MD.gather(x, shown), x[~m].view(5, -1, 3))  # the same tokens, in token order
+                assert torch.equal(MD.gather(x, hidden), x[m].view(5, -1, 3))
+                assert all(torch.equal(a, b) for a, b in zip(MD.split_tokens(m), (shown, hidden)))  # counted
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        M.hidden_per_clip("cube", (2, 4, 4), 0.5)
 
 
 # ----------------------------------------------------------------------------------- model numerics
@@ -218,9 +242,10 @@ def test_encoder_output_ignores_hidden_pixels():
     m = M.tube_mask(2, GRID, 0.75, generator=torch.Generator().manual_seed(0))
     changed = patches.clone()
     changed[m] = torch.randn_like(changed[m])  # new pixels in every hidden tubelet
+    visible = MD.split_tokens(m)[0]  # the indices of the visible tokens, in token order
     with torch.no_grad():
-        assert enc(patches, m).shape == (2, 8, 48)
-        torch.testing.assert_close(enc(patches, m), enc(changed, m), rtol=0, atol=0)
+        assert enc(patches, visible).shape == (2, 8, 48)
+        torch.testing.assert_close(enc(patches, visible), enc(changed, visible), rtol=0, atol=0)
         assert not torch.allclose(enc(patches), enc(changed))  # the same change, seen without the mask
 
 
@@ -250,6 +275,46 @@ def test_flops_count_matches_a_hand_count():
     assert net.flops_per_clip(8, 24, training=False) == enc + dec
     assert net.flops_per_clip(8, 24) == 3 * (enc + dec)  # training: forward and twice as much backward
     assert tiny_vit().flops(32) == 2 * (2 * 32 * 48 * 48 * 12 + 4 * 32 * 32 * 48) + 2 * 32 * 384 * 48
+
+
+@pytest.mark.parametrize("kind, decode", [("tube", False), ("random", False), ("tube", True), ("classifier", False)])
+def test_the_pretraining_forward_and_the_classifier_compile_to_one_graph(kind, decode):
+    # torch._dynamo.explain traces as torch.compile does: a boolean-mask selection (x[mask]) would split the
+    # pre-training forward at every use (data-dependent shapes); fixed-count gathers keep one graph.
+    torch._dynamo.reset()
+    video = torch.randn(2, 3, 4, 32, 32)
+    if kind == "classifier":
+        explained = torch._dynamo.explain(tiny_vit())(video)
+    else:
+        g = torch.Generator().manual_seed(0)
+        m = M.MASKS[kind](2, GRID, 0.75, generator=g)
+        d = M.running_cell_mask(2, GRID, 0.5, generator=g) if decode else None
+        explained = torch._dynamo.explain(tiny_mae())(video, m, d, **mask_counts(GRID, 0.75, kind))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_and_builds_no_constant():
+    # What a GPU would wait for, seen on the CPU as the ops torch dispatches: a value read back (.item(), int(),
+    # a boolean mask's nonzero inside aten.index) or a tensor built from Python numbers (a copy from the host).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    net, g = tiny_mae(), torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    counts = mask_counts(GRID, 0.75)
+    for step in range(2):  # the first builds the per-device constants
+        m, d = M.tube_mask(2, GRID, 0.75, generator=g), M.running_cell_mask(2, GRID, 0.5, generator=g)
+        with Ops() as ops:
+            net(data.normalize(clips), m, d, **counts)[0].backward()
+    assert "gather" in ops.seen and not ops.seen & {"_local_scalar_dense", "item", "nonzero", "index", "lift_fresh"}
 
 
 # ------------------------------------------------------------------------------- checkpoint formats
@@ -1200,8 +1265,8 @@ def test_pretrain_decoder_mask_random_mask_repeated_sampling_and_nonfinite_stop(
     log = read_log(out)[-1]
     assert log["rebuilt_per_clip"] == 16 and log["clips_per_step"] == 4  # 2 videos x 2 clips each
     # the check of the flags, the count at start, the 4 clips of every step, the 5 held-out clips of the
-    # figures, the picture's clip
-    assert random_masks == [1, 1, 4, 4, 4, 4, 2, 2, 1, 1]
+    # figures (test batches of at most a training batch's 4 clips), the picture's clip
+    assert random_masks == [1, 1, 4, 4, 4, 4, 4, 1, 1]
     assert read_log(out)[0]["config"]["no_norm_pix_loss"] is True
     forward = MD.VideoMAE.forward
     calls = {"n": 0}
@@ -1346,10 +1411,17 @@ def test_fewer_videos_than_one_step_are_refused_at_start(tmp_path, two_classes, 
         "--accum_iter, or add videos")
 
 
-def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch):
-    # The durable writes at the end of an epoch (log line, latest and numbered checkpoint), counted from epoch 0
-    # on; a kill just before the k-th of them, or in the middle of the log line, then a resume: every epoch is in
-    # the log once.
+@pytest.mark.parametrize("save_ckpt_freq, latest_every, checkpoints, num_writes", [  # 3 log lines, 3 curves
+    (1, 10, ["checkpoint-0000.pth", "checkpoint-0001.pth", "checkpoint-0002.pth"], 6 + 3 + 3),
+    (2, 10, ["checkpoint-0001.pth", "checkpoint-0002.pth"], 6 + 2 + 2),  # epoch 0: logged, not checkpointed
+    (100, 0, ["checkpoint-0002.pth"], 6 + 3 + 1)])  # the newest at every epoch, numbered only at the last
+def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(save_ckpt_freq, latest_every, checkpoints, num_writes,
+                                                           tmp_path, monkeypatch):
+    # The durable writes at the end of each epoch (log line, curves, and the checkpoints due: numbered every
+    # save_ckpt_freq epochs and at the last, the newest with them and otherwise after latest_every minutes);
+    # a kill just before the k-th of them, for every k, or in the middle of the log line, then a resume: every
+    # epoch is in the log once.
+    import itertools
     from types import SimpleNamespace
 
     class Killed(Exception):
@@ -1357,7 +1429,9 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
 
     ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=lambda *a: None)
     atomic_write, log = W.atomic_write, W.RunFolder.log
-    for kill_at in range(4):
+    monkeypatch.setattr(plots, "line_chart", lambda *a, **k: np.zeros((2, 2, 3), np.uint8))  # (drawn elsewhere)
+    for kill_at in itertools.count():
+        killed = False
         for half_line in (False, True):
             out = tmp_path / f"kill{kill_at}{'-half' * half_line}"
             writes = []  # None: no kill (the resumed run)
@@ -1373,7 +1447,8 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
 
             monkeypatch.setattr(W, "atomic_write", lambda *a, **k: counted(atomic_write, *a, **k))
             monkeypatch.setattr(W.RunFolder, "log", lambda *a, **k: counted(log, *a, **k))
-            args = SimpleNamespace(dtype="fp32", output_dir=str(out), resume=None, epochs=3, save_ckpt_freq=1)
+            args = SimpleNamespace(dtype="fp32", output_dir=str(out), resume=None, epochs=3,
+                                   save_ckpt_freq=save_ckpt_freq, latest_every=latest_every)
             for attempt in range(2):
                 net = torch.nn.Linear(2, 2)
                 saved, writes = writes, None
@@ -1383,9 +1458,120 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
                     for epoch in range(run.start_epoch, args.epochs):
                         run.end_epoch(epoch, {"epoch": epoch, "loss": 1.0})
                 except Killed:
-                    writes = None
-            assert writes is None  # the kill happened
+                    writes, killed = None, True
             assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1, 2], (kill_at, half_line)
+        if not killed:  # past the last write: a whole run, never killed
+            assert sorted(p.name for p in out.glob("checkpoint-0*.pth")) == checkpoints
+            assert kill_at == num_writes  # a kill was tried before each of them
+            break
+
+
+def test_the_newest_checkpoint_waits_latest_every_minutes_between_writes(tmp_path):
+    now = [0.0]
+    folder = W.RunFolder(str(tmp_path), latest_every=600, clock=lambda: now[0])
+    newest = []
+    for epoch, minutes in enumerate([3, 3, 3, 3, 1, 12]):  # epoch 4 is numbered
+        now[0] += 60 * minutes
+        folder.save({"epoch": epoch}, numbered=epoch == 4)
+        latest = tmp_path / "checkpoint-latest.pth"
+        newest.append(torch.load(latest, weights_only=True)["epoch"] if latest.exists() else None)
+    assert newest == [None, None, None, 3, 4, 5]  # 12 minutes in; numbered; 12 minutes after that
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0004.pth", "checkpoint-latest.pth"]
+    assert not W.RunFolder(str(tmp_path / "main-only"), main=False).save({"epoch": 0}, numbered=True)
+    assert not (tmp_path / "main-only").exists()
+
+
+def test_fp16_resumes_a_bf16_or_fp32_run_and_bf16_an_fp16_one(tmp_path, monkeypatch):
+    # A bf16 or fp32 run saves its loss scaler switched off, as an empty state: an fp16 run resuming from it
+    # starts its scale afresh (it stopped with "The source state dict is empty").
+    from types import SimpleNamespace
+    said = []
+    ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=said.append)
+    x = torch.randn(4, 8)
+    monkeypatch.setattr(plots, "line_chart", lambda *a, **k: np.zeros((2, 2, 3), np.uint8))  # (drawn elsewhere)
+
+    def train(dtype, epochs):
+        args = SimpleNamespace(dtype=dtype, output_dir=str(tmp_path), resume=None, epochs=epochs, save_ckpt_freq=1,
+                               latest_every=0, accum_iter=1, clip_grad=None)
+        net = torch.nn.Linear(8, 8)
+        run = engine.Run(args, ctx, net, torch.optim.AdamW(net.parameters()))
+        for epoch in range(run.start_epoch, epochs):
+            with engine.autocast(args, ctx):
+                run.backward(net(x).float().pow(2).mean())
+            run.step()
+            run.end_epoch(epoch, {"epoch": epoch, "loss": 1.0})
+        return run
+
+    for dtype, epochs in [("fp32", 1), ("fp16", 2), ("bf16", 3), ("fp16", 4)]:
+        run = train(dtype, epochs)
+        assert run.start_epoch == epochs - 1, dtype
+        saved = torch.load(tmp_path / "checkpoint-latest.pth", weights_only=True)
+        assert saved["epoch"] == epochs - 1 and bool(saved["scaler"]) == (dtype == "fp16")
+    assert sum("holds no fp16 loss scale" in line for line in said) == 2  # after fp32, after bf16
+    assert saved["scaler"]["scale"] == 65536.0 and run.scaler.get_scale() == 65536.0
+
+
+def test_checkpoints_are_read_on_torch_2_4_which_has_no_safe_globals(tmp_path, monkeypatch):
+    # requirements.txt allows torch 2.4: it has add_safe_globals, not the safe_globals context (2.5).
+    import argparse
+    import pickle
+    path = tmp_path / "reference.pth"
+    torch.save({"model": tiny_mae().state_dict(), "args": argparse.Namespace(model="tiny")}, path)
+    with pytest.raises(pickle.UnpicklingError):  # weights_only refuses the reference's Namespace unless allowed
+        torch.load(path, weights_only=True)
+    allowed = torch.serialization.get_safe_globals()
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    try:
+        assert W.read_file(path)["args"].model == "tiny"
+        W.load_checkpoint(tiny_mae(), path, verbose=False)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(allowed)
+
+
+def test_an_explicit_gpu_is_kept_for_one_process_and_refused_under_torchrun(two_classes, monkeypatch, capsys):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    given = ["--data_path", str(two_classes)]
+    ctx = engine.Context(pretrain.parse_args(given + ["--device", "cuda:3"]))
+    assert ctx.device == torch.device("cuda", 3) and chosen == [ctx.device]  # was cuda:0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pretrain.parse_args(given + ["--device", "cuda"]).device == "cuda:1"  # torchrun: its LOCAL_RANK
+    with pytest.raises(SystemExit) as stop:
+        finetune.parse_args(given + ["--device", "cuda:3"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--device cuda:3: under torchrun each process takes the GPU of its LOCAL_RANK; give --device cuda, and "
+        "choose GPUs with CUDA_VISIBLE_DEVICES")
+
+
+def test_workers_persist_and_replay_an_epoch_and_test_batches_fit_in_a_training_batch(two_classes):
+    from types import SimpleNamespace
+    samples = [(str(two_classes / line.split()[0]), 0) for line in (two_classes / "train.txt").read_text().splitlines()]
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    args = SimpleNamespace(batch_size=2, num_sample=2, num_workers=2, seed=0, accum_iter=1)
+    dataset = data.VideoDataset(samples[:4], "pretrain", 4, 2, 32, num_sample=2)
+
+    def epoch_of(loader, sampler, epoch):
+        engine.start_epoch(epoch, sampler, args, ctx)
+        return torch.cat([video for video, *_ in loader])
+
+    loader, sampler = engine.make_loader(dataset, args, ctx, train=True)
+    assert loader.persistent_workers  # started once: a new epoch does not start 2 processes again
+    epochs = [epoch_of(loader, sampler, epoch) for epoch in (0, 1)]
+    again, sampler = engine.make_loader(dataset, args, ctx, train=True)  # a resumed run: new workers at epoch 1
+    assert torch.equal(epoch_of(again, sampler, 1), epochs[1]) and not torch.equal(epochs[0], epochs[1])
+    # A test batch holds at most a training batch's clips, or one video's views: its workers' prefetch then
+    # takes no more shared memory than training's (not 16 videos x 15 views, 578 MB a batch at 16 x 224 x 224)
+    views = data.VideoDataset(samples, "test", 4, 2, 32, test_num_segment=5, test_num_crop=3)
+    for batch_size, num_sample, videos in [(16, 2, 2), (16, 1, 1), (1, 1, 1), (8, 4, 2)]:
+        args = SimpleNamespace(batch_size=batch_size, num_sample=num_sample, num_workers=2, seed=0, accum_iter=1)
+        loader, _ = engine.make_loader(views, args, ctx, train=False)
+        assert loader.batch_size == videos and not loader.persistent_workers
+        assert loader.batch_size * views.views <= max(batch_size * num_sample, views.views)
 
 
 def test_unreadable_test_videos_are_named_not_scored(videos, tmp_path):
@@ -1399,7 +1585,7 @@ def test_unreadable_test_videos_are_named_not_scored(videos, tmp_path):
     with torch.no_grad():  # always class 2: the zero-byte video's item (which holds the mp4's views) would be wrong
         net.head.weight.zero_()
         net.head.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
-    args = SimpleNamespace(batch_size=2, num_workers=0, seed=0, dtype="fp32")
+    args = SimpleNamespace(batch_size=2, num_sample=1, num_workers=0, seed=0, dtype="fp32")
     ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
     scores = predict_and_score(net, ds, args, ctx)
     assert scores["num_videos"] == 2 and scores["top1"] == 0.5 and scores["mean_class_acc"] == 0.5
@@ -1487,14 +1673,34 @@ def torchrun(script, *argv, cwd):
     return done.stdout
 
 
-def test_torchrun_two_cpu_processes_pretrain_and_count_every_test_video_once(tmp_path, two_classes):
+def test_torchrun_two_cpu_processes_pretrain_resume_from_rank_0s_disk_and_count_every_test_video_once(
+        tmp_path, two_classes):
+    # Two nodes, a disk each: only rank 0 writes checkpoints, so after epoch 0 rank 1's folder is empty. Rank 0
+    # decides to resume for both and rank 1 gets its copy of the checkpoint (rank 1 used to start at epoch 0, and
+    # the processes' collectives no longer matched). Each process keeps its optimizer's state at the end.
     here = str(__import__("pathlib").Path(__file__).parent)
-    pre = tmp_path / "pre"
-    out = torchrun("pretrain.py", "--data_path", str(two_classes), *SMALL_RUN, "--epochs", "2",
-                   "--output_dir", str(pre), cwd=here)
-    assert "x 2 processes" in out
-    assert [r["epoch"] for r in read_log(pre)[1:]] == [0, 1] and read_log(pre)[0]["world_size"] == 2
+    pre, other_disk = tmp_path / "pre", tmp_path / "rank1"
+    script = tmp_path / "a_disk_per_node.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {here!r})
+import engine, pretrain, torch
+rank, close = os.environ["RANK"], engine.Run.close
+def keep(run):
+    torch.save(run.optimizer.state_dict(), {str(tmp_path)!r} + f"/adamw{{rank}}.pt")
+    close(run)
+engine.Run.close = keep
+pretrain.main(sys.argv[1:] + ["--output_dir", {str(pre)!r} if rank == "0" else {str(other_disk)!r}])
+""")
+    args = ["--data_path", str(two_classes), *SMALL_RUN]
+    assert "x 2 processes" in torchrun(str(script), *args, "--epochs", "1", cwd=here)
+    out = torchrun(str(script), *args, "--epochs", "2", cwd=here)
+    assert f"resumed from {pre / 'checkpoint-latest.pth'}: epoch 1 of 2" in out and not other_disk.exists()
+    assert [r["epoch"] for r in read_log(pre) if "epoch" in r] == [0, 1] and read_log(pre)[0]["world_size"] == 2
     assert read_log(pre)[-1]["clips_per_step"] == 4  # 2 videos on each of 2 processes
+    adamw = [torch.load(tmp_path / f"adamw{rank}.pt", weights_only=True)["state"] for rank in (0, 1)]
+    for k, state in adamw[0].items():  # the same state on both: the steps of epoch 0 included (2 an epoch)
+        assert state["step"] == adamw[1][k]["step"] == 4
+        assert torch.equal(state["exp_avg_sq"], adamw[1][k]["exp_avg_sq"])
     ckpt = str(pre / "checkpoint-latest.pth")
     views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", ckpt, "--eval"]
     torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
@@ -1512,7 +1718,7 @@ def test_sigkill_loses_at_most_the_current_epoch(tmp_path, two_classes):
     import time
     out = tmp_path / "killed"
     cmd = [sys.executable, "pretrain.py", "--data_path", str(two_classes), *SMALL_RUN, "--epochs", "3",
-           "--save_ckpt_freq", "100", "--output_dir", str(out)]
+           "--save_ckpt_freq", "100", "--latest_every", "0", "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     here = os.path.dirname(os.path.abspath(__file__))
     run = subprocess.Popen(cmd, cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1554,7 +1760,8 @@ def test_bench_smoke_run_has_every_row(tmp_path):
                              ("step ours bf16", "ms", None), ("step ours fp32", "ms", None),
                              ("step HF", "ms", "transformers"), ("peak memory ours / HF", "ratio", "transformers"),
                              ("ours bf16 / HF bf16", "ratio", "transformers"), ("ours bf16 / ours fp32", "ratio", None),
-                             ("bf16 vs fp32 loss", "ratio", None), ("clips floor", "clips_per_s", None),
+                             ("bf16 vs fp32 loss", "ratio", None), ("step finetune bf16", "ms", None),
+                             ("clips floor", "clips_per_s", None),
                              ("clips reference", "clips_per_s", "decord"), ("clips ours: VideoDataset", "clips_per_s", None),
                              ("num_sample=2, both", "clips_per_s", None), ("clips num_sample=2 / num_sample=1", "ratio", None),
                              ("clips ours / reference", "ratio", "decord"), ("clips ours / floor", "ratio", None),
@@ -1565,7 +1772,8 @@ def test_bench_smoke_run_has_every_row(tmp_path):
         else:  # a measured figure: a positive number (the loss gap may be 0)
             assert isinstance(row.get(key), float) and 0 <= row[key] < math.inf, row
             assert row[key] > 0 or part == "bf16 vs fp32 loss", row
-    assert len(rows) == 18
+    assert len(rows) == 19
+    assert all(r.get("mfu_datasheet") is None for r in rows)  # a CPU: no datasheet peak to divide by
 
 
 def test_init_statistics_are_the_references():
@@ -1668,3 +1876,116 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------ the CUDA path
+# These run where torch sees a CUDA GPU (the README's test line then checks the GPU path) and skip elsewhere.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cuda_pretraining_and_finetuning_steps_in_mixed_precision_never_wait_for_the_gpu(dtype):
+    # A step as the scripts run it (pinned clips, their labels, normalisation, masks drawn on the GPU, autocast,
+    # fused AdamW), after a warm-up step, under CUDA's sync debug mode: any host sync raises. fp16 scales its
+    # loss; its scaler's step reads back whether a gradient overflowed (by design), so it runs outside the check.
+    device, half = torch.device("cuda"), {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch.manual_seed(0)
+    mae = MD.build_model("pretrain", "tiny", img_size=64, num_frames=4).to(device)
+    vit = MD.build_model("finetune", "tiny", img_size=64, num_frames=4, num_classes=5, drop_path_rate=0.1).to(device)
+    grid = mae.encoder.grid
+    counts = mask_counts(grid, 0.75)
+    clips = torch.randint(0, 256, (4, 4, 64, 64, 3), dtype=torch.uint8).pin_memory()
+    labels = torch.arange(4).pin_memory()
+    g = torch.Generator(device).manual_seed(0)
+    for net in (mae, vit):
+        opt = torch.optim.AdamW(MD.param_groups(net, 0.05), lr=1e-3, fused=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
+        start = [p.detach().clone() for p in net.parameters()]
+        for step in range(3):
+            torch.cuda.set_sync_debug_mode("error" if step else 0)
+            try:
+                video = data.normalize(clips.to(device, non_blocking=True))
+                y = labels.to(device, non_blocking=True)
+                m = M.tube_mask(4, grid, 0.75, generator=g, device=device)
+                d = M.running_cell_mask(4, grid, 0.5, generator=g, device=device)
+                with torch.autocast("cuda", half):
+                    loss = net(video, m, d, **counts)[0] if net is mae else F.cross_entropy(net(video), y)
+                scaler.scale(loss).backward()
+                if dtype == "bf16":
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            if dtype == "fp16":
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss) and (dtype == "bf16" or scaler.get_scale() > 1)
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+        assert sum(not torch.equal(a, p) for a, p in zip(start, net.parameters())) > len(start) // 2
+
+
+@needs_cuda
+def test_cuda_compiled_pretraining_and_classifier_are_one_graph_with_eager_numerics():
+    device = torch.device("cuda")
+    video = torch.randn(2, 3, 4, 32, 32, device=device)
+    g = torch.Generator(device).manual_seed(0)
+    m = M.tube_mask(2, GRID, 0.75, generator=g, device=device)
+    d = M.running_cell_mask(2, GRID, 0.5, generator=g, device=device)
+    counts = mask_counts(GRID, 0.75)
+    for net, inputs in [(tiny_mae().to(device), (video, m, d)), (tiny_vit().to(device).eval(), (video,))]:
+        kwargs = counts if isinstance(net, MD.VideoMAE) else {}
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(net)(*inputs, **kwargs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        compiled = torch.compile(net, fullgraph=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            eager, fast = net(*inputs, **kwargs), compiled(*inputs, **kwargs)
+        eager, fast = (out[0] if isinstance(out, tuple) else out for out in (eager, fast))
+        torch.testing.assert_close(fast.float(), eager.float(), atol=2e-2, rtol=2e-2)
+        fast.float().sum().backward()  # the compiled backward runs too
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_cuda_flash_attention_accepts_the_models_shapes(preset):
+    # 16 x 224 x 224 clips: 1568 tokens, heads of 64 in encoder and decoder, the decoder's last block attending
+    # from the rebuilt tokens only (fewer queries than keys). Under sdpa_kernel(FLASH_ATTENTION) alone, a shape
+    # the kernel refuses would raise, not fall back to a slower one.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    mae = MD.build_model("pretrain", preset).to(device)
+    vit = MD.build_model("finetune", preset, num_classes=101).to(device)
+    video = torch.randn(2, 3, 16, 224, 224, device=device)
+    grid = mae.encoder.grid
+    m, d = M.tube_mask(2, grid, 0.9, device=device), M.running_cell_mask(2, grid, 0.5, device=device)
+    counts = mask_counts(grid, 0.9)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", torch.bfloat16):
+        for decode_mask in (None, d):
+            loss, pred = mae(video, m, decode_mask, **counts)
+            loss.backward()
+        vit(video).float().logsumexp(-1).mean().backward()
+    assert torch.isfinite(loss) and pred.shape == (2, 784, 1536)  # half of the 1568 tokens rebuilt
+
+
+@needs_cuda
+def test_cuda_pretraining_resumes_fp16_from_bf16_and_fine_tunes_on_the_gpu_it_is_given(tmp_path, two_classes):
+    common = ["--data_path", str(two_classes), *SIZES, "--batch_size", "2", "--num_workers", "2",
+              "--warmup_epochs", "1", "--save_ckpt_freq", "1", "--device", "cuda:0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    pretrain.main(common + ["--epochs", "2", "--output_dir", str(whole)])
+    pretrain.main(common + ["--epochs", "1", "--output_dir", str(cut)])
+    pretrain.main(common + ["--epochs", "2", "--output_dir", str(cut)])  # resumed at epoch 1
+    assert read_log(whole)[0]["config"]["dtype"] == "bf16"  # the default on GPUs
+    assert [r["epoch"] for r in read_log(cut) if "epoch" in r] == [0, 1]
+    assert read_log(cut)[-1]["loss"] == pytest.approx(read_log(whole)[-1]["loss"], rel=1e-3)
+    pretrain.main(common + ["--epochs", "3", "--dtype", "fp16", "--output_dir", str(cut)])  # from bf16's checkpoint
+    saved = torch.load(cut / "checkpoint-latest.pth", weights_only=True)
+    assert saved["epoch"] == 2 and saved["scaler"]["scale"] > 1 and math.isfinite(read_log(cut)[-1]["loss"])
+    finetune.main(["--data_path", str(two_classes), *SIZES, "--batch_size", "2", "--num_workers", "2", "--epochs", "1",
+                   "--device", "cuda:0", "--finetune", str(cut / "checkpoint-latest.pth"), "--test_num_segment", "2",
+                   "--test_num_crop", "2", "--output_dir", str(tmp_path / "ft")])
+    assert read_log(tmp_path / "ft")[-1]["test"]["num_videos"] == 5

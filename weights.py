@@ -10,15 +10,18 @@ atomic_write        every file written here goes through it: a killed run never 
     python weights.py --export runs/finetune-demo/checkpoint-latest.pth runs/finetune-demo/hf
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import plots
 from model import PATCH_SIZE, PRESETS, TUBELET_SIZE, VideoViT, build_model
@@ -129,7 +132,12 @@ def read_file(path):
             raise RuntimeError(
                 f"{path}: reading .safetensors needs `pip install safetensors`") from None
         return load_file(str(path))
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    if hasattr(torch.serialization, "safe_globals"):
+        allowed = torch.serialization.safe_globals([argparse.Namespace])
+    else:  # torch 2.4: no context manager yet, only the process-wide list
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        allowed = contextlib.nullcontext()
+    with allowed:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
@@ -195,25 +203,48 @@ CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validatio
 class RunFolder:
     """A training run's folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth, curves.png.
     An epoch is logged before its checkpoint: if a run is killed, the log holds every epoch of the
-    newest checkpoint; a resume drops the lines past it. Only the main process writes."""
+    newest checkpoint and maybe later ones; a resume drops the lines past it. Only the main process
+    (rank 0) writes, and it alone decides whether to resume. The newest checkpoint is written with
+    every numbered one and otherwise once `latest_every` seconds have passed since its last write
+    (0: every epoch): a ViT-B's, optimizer included, is about 1.1 GB, more than a short epoch."""
 
-    def __init__(self, output_dir, main=True):
+    def __init__(self, output_dir, main=True, latest_every=0, clock=time.monotonic):
         self.dir, self.main = output_dir, main
         self.log_path = os.path.join(output_dir, "log.jsonl")
         self.latest = os.path.join(output_dir, "checkpoint-latest.pth")
+        self.latest_every, self.clock = latest_every, clock
+        self.latest_written = clock()  # (the run's start)
 
     def resume_path(self, resume=None):
-        """`resume` (--resume), else the newest checkpoint here; None for a fresh run."""
-        if resume:
-            return resume
-        return self.latest if os.path.exists(self.latest) else None
+        """`resume` (--resume), else the newest checkpoint here; None for a fresh run. Rank 0's
+        answer, for every process: on several nodes the others may not see its disk."""
+        path = error = None
+        if self.main:
+            path = resume or (self.latest if os.path.exists(self.latest) else None)
+            if path and not os.path.exists(path):
+                error = f"error: --resume {path}: no such file"
+        path, error = from_main((path, error))
+        if error:
+            raise SystemExit(error if self.main else 1)  # one line, from rank 0
+        return path
 
-    def restore(self, path, net, optimizer, scaler):
-        """Load a checkpoint into model, optimizer and scaler; returns the epoch to start at."""
-        ckpt = read_file(path)
+    def restore(self, path, net, optimizer, scaler, say=print):
+        """Load a checkpoint into model, optimizer and scaler; returns the epoch to start at. A
+        process that cannot see `path` (another node's disk) gets rank 0's copy. An fp16 run
+        resumed from a bf16 or fp32 one starts its loss scale afresh."""
+        ckpt = read_file(path) if os.path.exists(path) else None
+        if _world() > 1:
+            seen = [None] * _world()
+            dist.all_gather_object(seen, ckpt is not None)
+            if not all(seen):
+                ckpt = from_main(ckpt)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and not ckpt["scaler"]:  # saved with the scaler off
+            say(f"{path} holds no fp16 loss scale (a bf16 or fp32 run's): it starts at "
+                f"{scaler.get_scale():g}")
+        else:
+            scaler.load_state_dict(ckpt["scaler"])
         return ckpt["epoch"] + 1
 
     def start(self, config, start_epoch=None):
@@ -239,10 +270,13 @@ class RunFolder:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, ckpt, numbered=False):
-        """The newest checkpoint, and with `numbered` checkpoint-NNNN.pth of its epoch as well."""
+        """The newest checkpoint when due, and with `numbered` (every numbered epoch and the last)
+        checkpoint-NNNN.pth of its epoch as well."""
         if not self.main:
             return
-        atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
+        if numbered or self.clock() - self.latest_written >= self.latest_every:
+            atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
+            self.latest_written = self.clock()
         if numbered:
             path = os.path.join(self.dir, f"checkpoint-{ckpt['epoch']:04d}.pth")
             atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
@@ -259,6 +293,19 @@ class RunFolder:
             if points:
                 panels.append(plots.line_chart(points, title, percent=key.endswith("top1")))
         write_png(os.path.join(self.dir, "curves.png"), np.hstack(panels))
+
+
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def from_main(obj):
+    """`obj` as the main process (rank 0) holds it, on every process (each must call this)."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _logged_epoch(line):
