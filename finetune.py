@@ -39,8 +39,8 @@ K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_
             warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10,
             layer_decay=0.75, drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d",
             test_num_segment=5, test_num_crop=3, aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25,
-            mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0), in_memory=False)
-UCF101 = {**K400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2,
+            mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0), in_memory=False, gpus=64)
+UCF101 = {**K400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "gpus": 8,
           "save_ckpt_freq": 50, "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
 RECIPES = {
     "K400": K400,  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs

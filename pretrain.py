@@ -22,12 +22,13 @@ import model as models
 # The reference's pre-training recipes (ViT-B; github.com/MCG-NJU/VideoMAE, scripts/<data set>/
 # ..._epoch_<E>/pretrain.sh), chosen by --recipe (default: the --data_set's own, else K400's) when
 # --data_path is given; the demo's otherwise. Epochs as in the scripts, one more than the name says;
-# blr and min_blr are the scripts' --lr and --min_lr.
+# blr and min_blr are the scripts' --lr and --min_lr; gpus, the scripts' processes: batch_size x
+# gpus videos make an optimizer step, on any number of processes (engine.setup accumulates).
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
             warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1,
-            save_ckpt_freq=20, no_norm_pix_loss=False, in_memory=False)  # 64 GPUs
+            save_ckpt_freq=20, no_norm_pix_loss=False, in_memory=False, gpus=64)
 UCF101 = {**K400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75,
-          "save_ckpt_freq": 100}  # for 8 GPUs
+          "save_ckpt_freq": 100, "gpus": 8}
 RECIPES = {
     "K400": K400,  # kinetics/..._ratio_0.9_epoch_800
     "SSv2": {**K400, "sampling_rate": 2},  # ssv2/..._ratio_0.9_epoch_800

@@ -1060,8 +1060,8 @@ import engine  # noqa: E402
 import finetune  # noqa: E402
 
 SIZES = ["--model", "tiny", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2"]
-SMALL_RUN = SIZES + ["--batch_size", "2", "--num_workers", "0", "--warmup_epochs", "1", "--save_ckpt_freq", "1",
-                     "--device", "cpu"]
+SMALL_RUN = SIZES + ["--batch_size", "2", "--accum_iter", "1", "--num_workers", "0", "--warmup_epochs", "1",
+                     "--save_ckpt_freq", "1", "--device", "cpu"]  # accum 1: not the recipe's videos per step
 COLOURS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]  # BGR
 
 
@@ -1223,8 +1223,8 @@ def test_finetune_learns_six_classes_resumes_with_the_checkpoints_sizes_and_eval
     assert (out / "confusion.png").read_bytes() == picture and (out / "confusion-eval1.png").exists()
     # --resume to train on: model size, input size, frames and stride from the checkpoint, as with --finetune
     more = tmp_path / "more"
-    finetune.main(recipe + ["--resume", ckpt, "--epochs", "6", "--batch_size", "2", "--num_workers", "0",
-                            "--device", "cpu", "--test_num_segment", "1", "--test_num_crop", "1",
+    finetune.main(recipe + ["--resume", ckpt, "--epochs", "6", "--batch_size", "2", "--accum_iter", "1",
+                            "--num_workers", "0", "--device", "cpu", "--test_num_segment", "1", "--test_num_crop", "1",
                             "--output_dir", str(more)])
     printed = capsys.readouterr().out
     assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2" in printed
@@ -1574,30 +1574,35 @@ def test_recipes_are_the_reference_scripts():
     # (K400 and SSv2: the 800-epoch ones); what a script leaves out is run_*.py's default
     k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
                 warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20,
-                no_norm_pix_loss=False, in_memory=False)
-    ucf = {**k400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75, "save_ckpt_freq": 100}
+                no_norm_pix_loss=False, in_memory=False, gpus=64)  # the scripts' processes: K400 and SSv2 64, UCF101 8
+    ucf = {**k400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75, "save_ckpt_freq": 100, "gpus": 8}
     assert pretrain.RECIPES == {"K400": k400, "SSv2": {**k400, "sampling_rate": 2}, "UCF101": ucf,
                                 "HMDB51": {**ucf, "epochs": 4800}}  # HMDB51: no script; the paper's epochs
     k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
                 warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
                 drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5, test_num_crop=3,
                 aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0),
-                in_memory=False)  # run_class_finetuning.py's defaults: RandAugment, erasing, mixup, cutmix, crop
-    ucf = {**k400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50,
+                in_memory=False, gpus=64)  # run_class_finetuning.py's defaults: RandAugment, erasing, mixup, ...
+    ucf = {**k400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50, "gpus": 8,
            "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
     ssv2 = {**k400, "epochs": 50, "blr": 5e-4, "no_flip": True, "sampling": "segment", "test_num_segment": 2}
     assert finetune.RECIPES == {"K400": k400, "SSv2": ssv2, "UCF101": ucf, "HMDB51": ucf}
+
+
+def recipe_of(args, recipe):
+    """The run's values of a recipe's flags; its GPUs from its videos per step (no flag: this run's are its own)."""
+    return {**{k: vars(args)[k] for k in recipe if k != "gpus"}, "gpus": args.recipe_videos // args.batch_size}
 
 
 def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeypatch):
     root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
     for argv in (["--data_set", "UCF101"], []):  # named, or recognised by its split folder
         args = parsed_args(pretrain, ["--data_path", str(root), *argv], monkeypatch)
-        assert args.recipe == "UCF101" and {k: vars(args)[k] for k in pretrain.RECIPES["UCF101"]} == pretrain.RECIPES["UCF101"]
+        assert args.recipe == "UCF101" and recipe_of(args, pretrain.RECIPES["UCF101"]) == pretrain.RECIPES["UCF101"]
     args = parsed_args(pretrain, ["--data_path", str(root), "--recipe", "SSv2", "--batch_size", "4"], monkeypatch)
     assert (args.data_set, args.sampling_rate, args.mask_ratio, args.batch_size) == ("UCF101", 2, 0.9, 4)
     args = parsed_args(finetune, ["--data_path", str(root)], monkeypatch)
-    assert {k: vars(args)[k] for k in finetune.RECIPES["UCF101"]} == finetune.RECIPES["UCF101"]
+    assert recipe_of(args, finetune.RECIPES["UCF101"]) == finetune.RECIPES["UCF101"]
     monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)  # no --data_path: the demo's own values
     for script in (pretrain, finetune):
         args = parsed_args(script, [], monkeypatch)
@@ -1614,6 +1619,32 @@ def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeyp
     assert math.isclose(args.lr, 3e-4 * 24 * 8 * 3 / 256) and math.isclose(args.min_lr, 1e-5 * 24 * 8 * 3 / 256)
 
 
+def test_a_recipe_keeps_its_videos_per_step_on_any_number_of_processes(tmp_path, monkeypatch, capsys):
+    root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
+
+    def started(script, argv, world=1):  # parsed and set up as on `world` processes
+        monkeypatch.setattr(engine, "Context", lambda args: __import__("types").SimpleNamespace(world=world, print=print))
+        args = script.parse_args(argv)
+        engine.setup(args)
+        return args, capsys.readouterr().out
+
+    ucf = ["--data_path", str(root)]
+    # UCF101 pre-training: 24 videos x 8 GPUs = 192 a step; one process with --batch_size 4 accumulates 48
+    args, out = started(pretrain, ucf + ["--batch_size", "4"])
+    assert (args.accum_iter, args.videos_per_step) == (48, 192) and math.isclose(args.lr, 3e-4 * 192 / 256)
+    assert "(4 videos x 1 processes x 48 accum; the UCF101 recipe: 192 videos per step)" in out
+    assert started(pretrain, ucf, world=8)[0].accum_iter == 1  # the script's own 8 GPUs
+    assert started(finetune, ucf, world=2)[0].accum_iter == 4  # fine-tuning: 16 x 8 = 128 = 16 x 2 x 4
+    # 5 x 1 divides no 192: the nearest, 38 x 5 = 190; the line gives both and the lr that follows
+    args, out = started(pretrain, ucf + ["--batch_size", "5"])
+    assert args.accum_iter == 38 and "x 190 videos per step / 256 = lr 0.000223" in out and "192 videos per" in out
+    assert started(pretrain, ucf + ["--batch_size", "4", "--update_freq", "2"])[0].videos_per_step == 8  # given
+    monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)  # the demo: one process, by design
+    for script in (pretrain, finetune):
+        args, out = started(script, [])
+        assert args.accum_iter == 1 and args.videos_per_step == script.DEMO["batch_size"], out
+
+
 def test_recipe_is_written_at_the_top_of_the_log(tmp_path):
     root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
     out = tmp_path / "run"
@@ -1623,6 +1654,7 @@ def test_recipe_is_written_at_the_top_of_the_log(tmp_path):
     assert config["recipe"] == "UCF101" and (config["mask_ratio"], config["blr"], config["min_blr"]) == (0.75, 3e-4, 1e-5)
     assert config["save_ckpt_freq"] == 1 and config["warmup_epochs"] == 1  # given flags win
     assert math.isclose(config["lr"], 3e-4 * 2 / 256) and "mask_ratio" in config["recipe_defaults"]
+    assert (config["recipe_videos"], config["videos_per_step"], config["accum_iter"]) == (192, 2, 1)  # as given
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
