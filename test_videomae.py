@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -1290,7 +1291,109 @@ def test_knn_probe_separates_a_separable_set(tmp_path, two_classes, capsys):
     assert knn["top1"] == read_log(pre)[-1]["knn_top1"]  # the same probe as pre-training logs
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), "--knn", "--finetune", "none", "--device", "cpu"])
-    assert stop.value.code == 2 and "--knn scores a trained encoder" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--knn reads a trained encoder" in capsys.readouterr().err
+
+
+def pretraining_file(path, preset="tiny", epoch=7, **config):
+    """A pre-training checkpoint in this project's format, as a run of `epoch` epochs saves it; its weights are not
+    those that a run (seed 0) starts from."""
+    torch.manual_seed(1)
+    net = MD.build_model("pretrain", preset, img_size=32, num_frames=4)
+    config = {"model": preset, "input_size": 32, "num_frames": 4, "sampling_rate": 2, **config}
+    torch.save({"model": net.state_dict(), "config": config, "epoch": epoch}, path)
+    return path
+
+
+def refused(script, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_reconstruct_any_video_from_our_or_huggingfaces_weights(tmp_path, two_classes, capsys):
+    ckpt = pretraining_file(tmp_path / "pre.pth", mask_ratio=0.75)
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"not a video")
+    videos = [str(two_classes / "dark" / "0.avi"), str(broken), str(two_classes / "bright" / "6.avi")]
+
+    def reconstruct(weights, out, *flags):  # each video's losses: model, mean of visible, nearest visible
+        pretrain.main(["--reconstruct", *videos, "--init", str(weights), "--device", "cpu", "--output_dir", str(out),
+                       *flags])
+        printed = capsys.readouterr().out
+        return printed, [[float(x) for x in re.findall(r"\d+\.\d{4}", line)] for line in printed.splitlines()
+                         if "reconstruction loss" in line]
+
+    printed, losses = reconstruct(ckpt, tmp_path / "ours")  # no data set read; sizes and mask ratio from the file
+    assert "from the checkpoint: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2, --mask_ratio 0.75" in printed
+    assert "broken.avi: not a readable video" in printed and len(losses) == 2 and all(0 < x for x in losses[0])
+    picture = cv2.imread(str(tmp_path / "ours" / "recon-0.png"))  # original / encoder input / rebuilt rows
+    assert picture is not None and (tmp_path / "ours" / "recon-6.png").exists()
+    # exported to HuggingFace's layout: sizes from config.json, the same weights, so the same losses
+    hf = W.export_huggingface(ckpt, tmp_path / "hf")[1]
+    printed, losses_hf = reconstruct(hf, tmp_path / "hf-out", "--mask_ratio", "0.75", "--sampling_rate", "2")
+    assert "from the checkpoint: --model tiny, --input_size 32, --num_frames 4\n" in printed and losses_hf == losses
+    # bad input: one line, exit status 2, before any video is read
+    vit = tmp_path / "classifier.pth"
+    torch.save({"model": MD.build_model("finetune", "tiny", num_classes=2).state_dict()}, vit)
+    for argv, message in [(["--init", str(vit)], f"--init {vit} has no decoder, only an encoder"),
+                          (["--init", str(tmp_path / "no.pth")], f"--init {tmp_path / 'no.pth'} is not a file"),
+                          (["--init", str(broken)], f"--init {broken} is not a checkpoint that torch can read"),
+                          (["--init", str(ckpt), "--model", "small"], "holds a 'tiny' model (encoder 192 wide, 12 "
+                           "blocks; decoder 96 wide, 4 blocks), this run builds 'small' (encoder 384 wide"),
+                          ([], "--reconstruct needs pre-training weights to draw with: --init PATH")]:
+        code, line = refused(pretrain, ["--reconstruct", videos[0], "--device", "cpu", *argv], capsys)
+        assert code == 2 and message in line, line
+
+
+def test_init_starts_a_fresh_run_from_pretraining_weights(tmp_path, two_classes, capsys):
+    ckpt = pretraining_file(tmp_path / "pre.pth", epoch=7)  # not a resume: epoch 0, a fresh AdamW
+    out = tmp_path / "run"
+    argv = ["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--blr", "1e-9", "--save_ckpt_freq", "5"]
+    pretrain.main(argv + ["--init", str(ckpt), "--output_dir", str(out)])
+    assert f"--init: loaded 218/218 tensors, encoder and decoder, from {ckpt}" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0] and read_log(out)[0]["config"]["init"] == str(ckpt)
+    start, end = (torch.load(f, weights_only=True) for f in (ckpt, out / "checkpoint-latest.pth"))
+    for k in start["model"]:  # lr ~1e-9: every tensor, the decoder's too, still the loaded one
+        torch.testing.assert_close(end["model"][k], start["model"][k], rtol=0, atol=1e-6)
+    assert {s["step"].item() for s in end["optimizer"]["state"].values()} == {4.0}  # this run's 4 steps only
+    pretrain.main(argv + ["--init", str(ckpt), "--output_dir", str(out)])  # the same command again: a resume
+    assert f"--init {ckpt} not loaded: the run resumes from its own checkpoint" in capsys.readouterr().out
+    small = pretraining_file(tmp_path / "mini.pth", preset="mini")
+    code, line = refused(pretrain, argv + ["--init", str(small)], capsys)
+    assert code == 2 and line.endswith("this run builds 'tiny' (encoder 192 wide, 12 blocks; decoder 96 wide, 4 "
+                                       "blocks): give --model mini"), line
+
+
+def test_linear_probe_on_cached_features_and_features_npz(tmp_path, two_classes, capsys):
+    # on its own: two classes 8 apart along one of 8 directions; that one shrunk, another one blown up, all far
+    # from 0: BatchNorm standardises each (no learnt scale), with the training set's statistics at test time
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randn(64, 8, generator=gen)
+    x[:, 3] += 8 * y
+    x = 1000 + x * torch.tensor([1e4, 1, 1, 1e-2, 1, 1, 1, 1])
+    scores = evaluate.linear_probe(x[:48], y[:48], x[48:], y[48:])
+    assert scores == {"top1": 1.0, "top5": 1.0, "epochs": 90, "num_videos": 16}
+    ckpt = pretraining_file(tmp_path / "pre.pth")
+    lists = tmp_path / "lists"  # two_classes' lists, and a broken video among the training ones
+    lists.mkdir()
+    (tmp_path / "broken.avi").write_bytes(b"not a video")
+    for name in ("train.txt", "val.txt"):
+        rows = [f"{two_classes / line}\n" for line in (two_classes / name).read_text().splitlines()]
+        (lists / name).write_text("".join(rows[:4] + [f"{tmp_path / 'broken.avi'} 0\n"] * (name == "train.txt") + rows[4:]))
+    out = tmp_path / "probe"
+    finetune.main(["--data_path", str(lists), "--features", "--linprobe", "--finetune", str(ckpt),
+                   "--num_workers", "0", "--device", "cpu", "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert f"1 unreadable train videos left out: {tmp_path / 'broken.avi'}" in printed
+    assert read_log(out)[-1] == {"linprobe": {"top1": 1.0, "top5": 1.0, "epochs": 90, "num_videos": 5}}
+    assert f"wrote {out / 'features.npz'}: 13 videos x 192 features, train 8, test 5" in printed
+    saved = np.load(out / "features.npz")  # plain arrays: no pickle
+    assert saved["features"].dtype == np.float32 and saved["features"].shape == (13, 192)
+    assert list(saved["split"]) == ["train"] * 8 + ["test"] * 5 and list(saved["labels"]) == [0] * 4 + [1] * 4 + [0] * 3 + [1] * 2
+    assert saved["paths"][0].endswith("dark/0.avi") and saved["paths"][-1].endswith("bright/5.avi")
+    code, line = refused(finetune, ["--data_path", str(two_classes), "--linprobe", "--device", "cpu"], capsys)
+    assert code == 2 and "--linprobe reads a trained encoder: give it with --finetune PATH" in line
 
 
 def test_a_mask_ratio_that_hides_nothing_is_refused(tmp_path, two_classes, capsys):
