@@ -55,8 +55,8 @@ def common_parser(doc, recipes, demo):
         name = names[0][2:]
         arg(*names, dest=name, type=kind,
             help=f"{hint} (K400 recipe {recipes['K400'].get(name)}, demo {demo.get(name)})")
-    arg("--accum_iter", "--update_freq", dest="accum_iter", type=int, default=1,
-        help="steps of gradient accumulation per optimizer step")
+    arg("--accum_iter", "--update_freq", dest="accum_iter", type=int,
+        help="micro-batches per optimizer step (default: the recipe's videos per step, README)")
     arg("--in_memory", action="store_true", default=None,
         help="decode each video once and keep its frames in memory (default: the demo only)")
     arg("--per_class", type=int, help="train on the first N videos of each class only")
@@ -78,7 +78,8 @@ def finish_args(parser, argv, recipes, demo):
     """Parse; every flag not given from the recipe (without --data_path, the demo's values over
     K400's); refuse bad values with one line."""
     args = parser.parse_args(argv)
-    args.demo = args.data_path is None and not getattr(args, "predict", None)  # --predict: no data
+    videos_only = next((k for k in ("predict", "reconstruct") if getattr(args, k, None)), None)
+    args.demo = args.data_path is None and not videos_only  # --predict, --reconstruct: no data
     if args.demo:
         args.data_path = str(plots.make_demo_dataset("data/demo"))
         args.data_set = "list"
@@ -87,14 +88,13 @@ def finish_args(parser, argv, recipes, demo):
     if args.data_set is None and args.data_path:
         args.data_set = data.guess_data_set(args.data_path)
     args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
-    recipe = {**recipes[args.recipe], **demo} if args.demo else recipes[args.recipe]
-    args.recipe_defaults = sorted(k for k in recipe if getattr(args, k, None) is None)  # not given
-    for key in args.recipe_defaults:
+    recipe = {**recipes[args.recipe], **demo, "gpus": 1} if args.demo else recipes[args.recipe]
+    args.recipe_videos = recipe["batch_size"] * recipe["gpus"]  # videos per optimizer step
+    args.recipe_defaults = sorted(k for k in recipe if k != "gpus" and getattr(args, k) is None)
+    for key in args.recipe_defaults:  # the flags not given
         setattr(args, key, recipe[key])
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    run = "demo" if args.demo else args.data_set or "data"
-    if getattr(args, "predict", None):
-        run = "predict"
+    run = videos_only or ("demo" if args.demo else args.data_set or "data")
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_workers is None:  # clips cut from frames in memory need no worker processes
@@ -141,17 +141,20 @@ class Context:
 
 
 def setup(args):
-    """The process's Context, the lr and min_lr from the base values, the seed. The reference's
-    rule: the base values times videos per optimizer step / 256 (the num_sample clips cut from each
-    video do not count)."""
+    """The process's Context, the accumulation, the lr and min_lr, the seed. The reference's rule:
+    the base values times videos per optimizer step / 256 (the num_sample clips cut from each video
+    do not count). Without --accum_iter, the recipe's videos per step (README: fewer GPUs)."""
     ctx = Context(args)
-    videos = args.batch_size * ctx.world * args.accum_iter  # videos per optimizer step
+    per_pass, recipe = args.batch_size * ctx.world, args.recipe_videos
+    if args.accum_iter is None:  # exact where per_pass divides the recipe's step, else the nearest
+        args.accum_iter = max(round(recipe / per_pass), 1)
+    args.videos_per_step = videos = per_pass * args.accum_iter
     args.lr = args.blr * videos / 256
     args.min_lr = args.min_blr * videos / 256
-    recipe = "demo" if args.demo else args.recipe
+    name = "demo" if args.demo else args.recipe
     ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, "
               f"min_lr {args.min_lr:.3g} ({args.batch_size} videos x {ctx.world} processes x "
-              f"{args.accum_iter} accum; recipe {recipe})")
+              f"{args.accum_iter} accum; the {name} recipe: {recipe} videos per step)")
     torch.manual_seed(args.seed)
     return ctx
 
@@ -195,10 +198,9 @@ def make_loader(dataset, args, ctx, train):
         pin_memory=ctx.device.type == "cuda", persistent_workers=train and args.num_workers > 0,
         prefetch_factor=4 if args.num_workers else None)
     if train and len(loader) < args.accum_iter:  # not one whole step: the loop would run none
-        per_step = args.batch_size * ctx.world * args.accum_iter
         fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x "
-             f"{ctx.world} processes x {args.accum_iter} accum_iter = {per_step}; lower "
-             f"--batch_size or --accum_iter, or add videos", ctx)
+             f"{ctx.world} processes x {args.accum_iter} accum_iter = "
+             f"{args.videos_per_step}; lower --batch_size or --accum_iter, or add videos", ctx)
     return loader, sampler
 
 

@@ -1,11 +1,13 @@
-"""How good a model is: multi-view testing of a classifier, the k-NN probe of frozen features, and
-the reconstruction loss of a pre-training model beside two predictors that know nothing of videos;
-with the pictures of each (drawn by plots.py)."""
+"""How good a model is: multi-view testing of a classifier, the k-NN and linear probes of frozen
+features, and the reconstruction loss of a pre-training model beside two predictors that know
+nothing of videos; with the pictures of each (drawn by plots.py)."""
 import argparse
 import json
+import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,8 +18,8 @@ import data
 import mask as masks
 import model as models
 import plots
-from engine import all_sum, autocast, make_loader
-from weights import write_png
+from engine import all_sum, autocast, lr_at, make_loader
+from weights import atomic_write, load_pretraining, write_png
 
 
 # ------------------------------------------------------------------------ every view of every video
@@ -157,27 +159,100 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
     return votes.scatter_add_(1, train_labels[neighbour], (top / temperature).exp())
 
 
-def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
-    """Score a frozen encoder: mean-pooled features of one centre clip per video, k-NN from the
-    training videos to the test videos. `frames`: videos already decoded in memory ({path: frames},
-    VideoDataset.frames), not decoded again. Returns {"top1", "top5", "k", "num_videos"}."""
+def frozen_features(encoder, samples, args, ctx, frames=None):
+    """The frozen encoder's features of one centre clip per video (Encoder.features: the last
+    block's outputs, mean-pooled), as both probes and --features take them. `frames`: videos already
+    decoded in memory ({path: frames}, VideoDataset.frames), not decoded again. Returns the
+    readable videos' features (n, D) float32 and labels (n,), and which videos those are."""
+    dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate,
+                                args.input_size, test_num_segment=1, test_num_crop=1)
+    dataset.frames = frames or {}
     encoder.eval()
-    features = []
-    for samples in (train_samples, test_samples):
-        dataset = data.VideoDataset(samples, "test", args.num_frames, args.sampling_rate,
-                                    args.input_size, test_num_segment=1, test_num_crop=1)
-        dataset.frames = frames or {}
-        values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
-        labels = torch.tensor([label for _, label in samples])
-        usable = seen & ~unreadable
-        features.append((values[usable], labels[usable]))
+    values, seen, unreadable = per_video(encoder.features, dataset, args, ctx)
     encoder.train()
-    (train_x, train_y), (test_x, test_y) = features
+    labels = torch.tensor([label for _, label in samples])
+    usable = seen & ~unreadable
+    return values[usable].float(), labels[usable], usable
+
+
+def knn_probe(encoder, train_samples, test_samples, args, ctx, k=20, frames=None):
+    """Score a frozen encoder: k-NN from the training videos' frozen_features to the test videos'.
+    Returns {"top1", "top5", "k", "num_videos"}."""
+    train_x, train_y, _ = frozen_features(encoder, train_samples, args, ctx, frames)
+    test_x, test_y, _ = frozen_features(encoder, test_samples, args, ctx, frames)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     votes = knn_classify(train_x, train_y, test_x, num_classes, k)
     scores = score(votes, test_y, torch.ones(len(test_y), dtype=torch.bool))
     return {"top1": scores["top1"], "top5": scores["top5"], "k": min(k, len(train_y)),
             "num_videos": len(test_y)}
+
+
+# MAE's linear probe (main_linprobe.py) on cached features: BatchNorm without affine parameters, a
+# linear layer, no weight decay, 90 epochs, warmup 10, cosine. Its LARS serves a batch of 16384
+# images; for a few thousand cached videos, SGD with momentum at MAE's base lr (README).
+def linear_probe(train_x, train_y, test_x, test_y, seed=0, epochs=90, warmup_epochs=10,
+                 batch_size=256, lr=0.1):
+    """Train BatchNorm1d(affine=False) then Linear on frozen features (n, D), classes train_y, with
+    cross-entropy; BatchNorm only standardises each feature, so the probe stays linear and nothing
+    of the encoder moves. Returns {"top1", "top5", "epochs", "num_videos"} on the test features."""
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    dim = train_x.shape[1]
+    # momentum None: the test's statistics average every step's, exact after the few of a small set
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, eps=1e-6, momentum=None, affine=False),
+                                torch.nn.Linear(dim, num_classes))
+    torch.nn.init.trunc_normal_(probe[1].weight, std=0.01, generator=generator)  # as MAE's head
+    torch.nn.init.zeros_(probe[1].bias)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    schedule = SimpleNamespace(lr=lr, min_lr=0.0, warmup_epochs=warmup_epochs, epochs=epochs)
+    steps = math.ceil(len(train_x) / batch_size)  # batches of an epoch, of (nearly) equal sizes
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for step, batch in enumerate(order.tensor_split(steps)):
+            optimizer.param_groups[0]["lr"] = lr_at(epoch + step / steps, schedule)
+            loss = F.cross_entropy(probe(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    probe.eval()
+    with torch.no_grad():
+        probs = probe(test_x).softmax(-1)
+    scores = score(probs, test_y, torch.ones(len(test_y), dtype=torch.bool))
+    return {"top1": scores["top1"], "top5": scores["top5"], "epochs": epochs,
+            "num_videos": len(test_y)}
+
+
+def features_and_linear_probe(encoder, splits, args, ctx, run):
+    """--features: features.npz in the output folder, the frozen_features of every readable video
+    of both splits ({"train": samples, "test": samples}): features (n, D) float32, labels, paths and
+    split. --linprobe: linear_probe from the training videos to the test videos, printed and
+    logged."""
+    parts = {}
+    for split, samples in splits.items():
+        features, labels, usable = frozen_features(encoder, samples, args, ctx)
+        readable = usable.tolist()
+        paths = [path for (path, _), ok in zip(samples, readable) if ok]
+        if len(paths) < len(samples):
+            ctx.print(f"{len(samples) - len(paths)} unreadable {split} videos left out: "
+                      + ", ".join(path for (path, _), ok in zip(samples, readable) if not ok))
+        parts[split] = (features, labels, paths)
+    if args.features and ctx.main:
+        arrays = {"features": torch.cat([f for f, _, _ in parts.values()]).numpy(),
+                  "labels": torch.cat([y for _, y, _ in parts.values()]).numpy(),
+                  "paths": np.array([p for _, _, paths in parts.values() for p in paths]),
+                  "split": np.array([s for s, (_, _, paths) in parts.items() for _ in paths])}
+        path = os.path.join(args.output_dir, "features.npz")
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+        n, dim = arrays["features"].shape
+        ctx.print(f"wrote {path}: {n} videos x {dim} features, "
+                  + ", ".join(f"{s} {len(part[2])}" for s, part in parts.items()))
+    if args.linprobe:
+        (train_x, train_y, _), (test_x, test_y, _) = parts["train"], parts["test"]
+        scores = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed)
+        ctx.print(f"linear probe ({scores['epochs']} epochs on {len(train_y)} training videos' "
+                  f"features) on {scores['num_videos']} test videos: top-1 {scores['top1']:.2%}, "
+                  f"top-5 {scores['top5']:.2%}")
+        run.folder.log({"linprobe": scores})
 
 
 # ------------------------------------------------------------- a pre-training model: reconstruction
@@ -206,6 +281,17 @@ def trivial_predictions(target, mask, grid):
     return mean_visible[mask].view(B, -1, D), nearest_visible[mask].view(B, -1, D)
 
 
+def yardsticks(net, video, mask):
+    """The losses of the two trivial predictors on the hidden tokens of normalised clips (B, 3, T,
+    H, W) with `mask`, in the model's loss space: [mean_visible, nearest_visible]."""
+    enc = net.encoder
+    patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()
+    target = models.reconstruction_target(patches, net.norm_pix_loss)
+    hidden = models.gather(target, models.split_tokens(mask)[1])  # (B, N_hid, P*C)
+    mean_visible, nearest_visible = trivial_predictions(target, mask, enc.grid)
+    return [F.mse_loss(mean_visible, hidden).item(), F.mse_loss(nearest_visible, hidden).item()]
+
+
 def reconstruction_scores(net, samples, args, ctx, most=256):
     """Mean squared error on held-out videos (one centre clip of each of at most `most`, fixed
     masks) of the model and of the two trivial predictors on the same clips and masks: the model
@@ -227,12 +313,7 @@ def reconstruction_scores(net, samples, args, ctx, most=256):
                                                device=ctx.device)
             with autocast(args, ctx):
                 loss = net(video, mask)[0].float()
-            patches = models.patchify(video, enc.tubelet_size, enc.patch_size)
-            target = models.reconstruction_target(patches, net.norm_pix_loss)
-            hidden = models.gather(target, models.split_tokens(mask)[1])
-            mean_visible, nearest_visible = trivial_predictions(target, mask, enc.grid)
-            losses = [loss.item(), F.mse_loss(mean_visible, hidden).item(),
-                      F.mse_loss(nearest_visible, hidden).item()]
+            losses = [loss.item(), *yardsticks(net, video, mask)]
             sums += torch.tensor(losses + [1.0]) * B
     net.train()
     model_loss, mean_loss, nearest_loss, clips = all_sum(sums.tolist(), ctx)
@@ -245,7 +326,8 @@ def reconstruction_png(net, clip, args, ctx, path):
     frame. With norm_pix_loss the model predicts each hidden tubelet's pixels normalised by that
     tubelet's own mean and std; to draw them we re-use the true tubelet's mean and std, as the
     reference code does: colours and brightness of the hidden patches are then borrowed from the
-    original; only the structure is the model's."""
+    original; only the structure is the model's. Returns the losses on that clip and mask: the
+    model's, then the yardsticks'."""
     net.eval()
     enc = net.encoder
     video = data.normalize(clip.to(ctx.device))  # (1, 3, T, H, W)
@@ -253,7 +335,7 @@ def reconstruction_png(net, clip, args, ctx, path):
     mask = masks.MASKS[args.mask_type](1, enc.grid, args.mask_ratio, generator=generator)
     mask = mask.to(ctx.device)
     with torch.no_grad(), autocast(args, ctx):
-        _, pred = net(video, mask)
+        loss, pred = net(video, mask)
     patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()  # (1, N, P*C)
     pixels = models.reconstruction_target(patches, norm_pix_loss=False)  # in [0, 1]
     masked = torch.where(mask[..., None], torch.full_like(pixels, 0.5), pixels)  # hidden ones grey
@@ -274,6 +356,41 @@ def reconstruction_png(net, clip, args, ctx, path):
     caption = f"top: original; middle: encoder input; bottom: rebuilt, {how}"
     write_png(path, plots.film_strip(frames, caption))
     net.train()
+    return [loss.item(), *yardsticks(net, video, mask)]
+
+
+def reconstruct(args, ctx):
+    """--reconstruct: the centre clip of each video (the test's middle clip, centre crop) through
+    the pre-training model of --init, masked as the pictures of pre-training are: recon-NAME.png in
+    --output_dir and a line with the reconstruction loss beside the two trivial predictors'. An
+    unreadable video gets one line; the others still run."""
+    flags = [f"--{k} {v}" for k, v in args.inherited.items() if not isinstance(v, bool)]
+    if "no_norm_pix_loss" in args.inherited:  # the loss target: plain or normalised pixels
+        flags.append("--no_norm_pix_loss" if args.no_norm_pix_loss else "--norm_pix_loss")
+    if flags:
+        ctx.print("from the checkpoint: " + ", ".join(flags))
+    net = models.build_model("pretrain", args.model, img_size=args.input_size,
+                             num_frames=args.num_frames, norm_pix_loss=not args.no_norm_pix_loss)
+    ctx.print(load_pretraining(net, args.init))
+    net = net.to(ctx.device)
+    videos = [(video, -1) for video in args.reconstruct]
+    dataset = data.VideoDataset(videos, "test", args.num_frames, args.sampling_rate,
+                                args.input_size, test_num_segment=1, test_num_crop=1)
+    names = [os.path.splitext(os.path.basename(video))[0] for video in args.reconstruct]
+    if len(set(names)) < len(names):  # the same name in two folders: numbered
+        names = [f"{i}-{name}" for i, name in enumerate(names)]
+    os.makedirs(args.output_dir, exist_ok=True)
+    for i, video in enumerate(args.reconstruct):
+        try:
+            clip = torch.from_numpy(dataset._load(i))  # (1, T, H, W, 3); raises, never substitutes
+        except data.VideoReadError as error:
+            ctx.print(f"{error}; skipped")
+            continue
+        path = os.path.join(args.output_dir, f"recon-{names[i]}.png")
+        model_loss, mean_loss, nearest_loss = reconstruction_png(net, clip, args, ctx, path)
+        ctx.print(f"{video}: reconstruction loss {model_loss:.4f}, mean of visible "
+                  f"{mean_loss:.4f}, nearest visible {nearest_loss:.4f}; {path}")
+
 
 
 # ----------------------------------------------------------------- the data-efficiency study (README)

@@ -7,6 +7,7 @@ paper).
     python finetune.py --eval --finetune model.pth --data_path ...  # test only: top-1, top-5 and
                                                                     # mean class accuracy
     python finetune.py --knn --finetune model.pth                   # score the frozen encoder: k-NN
+    python finetune.py --linprobe --features --finetune model.pth   # linear probe; features.npz
     python finetune.py --predict a.avi b.mp4 --finetune model.pth   # each video's top-5 class names
 
 Each step augments the clips (RandAugment, random erasing in the data workers; mixup or CutMix
@@ -39,8 +40,8 @@ K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_
             warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10,
             layer_decay=0.75, drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d",
             test_num_segment=5, test_num_crop=3, aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25,
-            mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0), in_memory=False)
-UCF101 = {**K400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2,
+            mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0), in_memory=False, gpus=64)
+UCF101 = {**K400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "gpus": 8,
           "save_ckpt_freq": 50, "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
 RECIPES = {
     "K400": K400,  # kinetics/..._ratio_0.9_epoch_800, for 64 GPUs
@@ -90,9 +91,12 @@ def parse_args(argv=None):
     arg("--test_num_segment", type=int, help="clips per test video (K400 5, SSv2 2)")
     arg("--test_num_crop", type=int, help="crops per test clip (3)")
     arg("--eval", action="store_true", help="only test the weights of --finetune or --resume")
-    arg("--knn", action="store_true",
-        help="only score the frozen encoder of --finetune by k-NN (k 20, cosine similarity of "
-             "mean-pooled features) from the training to the test videos")
+    arg("--knn", action="store_true", help="only score the frozen encoder of --finetune by k-NN "
+        "(k 20, cosine similarity of mean-pooled features) from the training to the test videos")
+    arg("--linprobe", action="store_true", help="only score the frozen encoder of --finetune by "
+        "MAE's linear probe (BatchNorm, a linear layer) on the features --knn uses")
+    arg("--features", action="store_true", help="only write features.npz: the frozen encoder's "
+        "features (as --knn's) of every video of both splits, labels, paths, split")
     arg("--predict", nargs="+", metavar="VIDEO",
         help="print the top-5 classes of each video (multi-view test) with the weights of "
              "--finetune; needs no data set")
@@ -100,8 +104,9 @@ def parse_args(argv=None):
     if (args.eval or args.predict) and (args.finetune or args.resume) in (None, "none"):
         mode = "predict" if args.predict else "eval"
         parser.error(f"--{mode} needs the weights to test: --finetune PATH or --resume PATH")
-    if args.knn and args.finetune in (None, "none"):
-        parser.error("--knn scores a trained encoder: give it with --finetune PATH")
+    args.frozen = [f"--{k}" for k in ("knn", "linprobe", "features") if getattr(args, k)]
+    if args.frozen and args.finetune in (None, "none"):
+        parser.error(f"{args.frozen[0]} reads a trained encoder: give it with --finetune PATH")
     for name in ("finetune", "resume"):
         path = getattr(args, name)
         if path not in (None, "none") and not os.path.isfile(path):
@@ -119,13 +124,12 @@ def main(argv=None):
         return predict(args, engine.Context(args))
     ctx = engine.setup(args)  # process (torchrun's rank, device), the batch size's lr, the seed
     train_samples, test_samples, classes = labelled_samples(args)
-    # The checkpoint to resume: its weights replace any others.
     resuming = None  # a training run's own newest checkpoint: its weights replace any others
-    if not (args.eval or args.knn):
+    if not (args.eval or args.frozen):
         resuming = RunFolder(args.output_dir, ctx.main).resume_path(args.resume)  # rank 0's
     weights = None if resuming else initial_weights(args)
     net, _ = build_classifier(args, weights, ctx, resuming)
-    if args.knn or args.eval:
+    if args.eval or args.frozen:  # --knn, --linprobe, --features: the frozen encoder only
         return score_only(net, train_samples, test_samples, classes, args, ctx)
 
     # Videos augmented per clip in the data workers (RandAugment, random erasing, flips, crops).
@@ -220,7 +224,7 @@ def build_classifier(args, weights, ctx, resuming=None):
 
 
 def score_only(net, train_samples, test_samples, classes, args, ctx):
-    """--knn (the frozen encoder by k-NN) or --eval (the multi-view test), appended to the log."""
+    """--knn, --linprobe, --features (the frozen encoder) or --eval (multi-view test), logged."""
     run = engine.Run(args, ctx, net, None)
     if args.knn:
         scores = evaluate.knn_probe(net, train_samples, test_samples, args, ctx)
@@ -228,7 +232,10 @@ def score_only(net, train_samples, test_samples, classes, args, ctx):
                   f"{scores['num_videos']} test videos: top-1 {scores['top1']:.2%}, "
                   f"top-5 {scores['top5']:.2%}")
         run.folder.log({"knn": scores})
-    else:
+    if args.linprobe or args.features:
+        splits = {"train": train_samples, "test": test_samples}
+        evaluate.features_and_linear_probe(net, splits, args, ctx, run)
+    if args.eval:
         test_set = test_dataset(test_samples, args, args.test_num_segment, args.test_num_crop,
                                 args.in_memory)
         evaluate.multi_view_test(net, test_set, args, ctx, run, classes)

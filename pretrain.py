@@ -2,6 +2,8 @@
 
     python pretrain.py          # the demo: a small model on built-in synthetic videos, on a CPU
     torchrun --nproc_per_node=8 pretrain.py --data_path UCF-101 --data_set UCF101 --model base
+    python pretrain.py --init checkpoint.pth --data_path ...   # start from pre-training weights
+    python pretrain.py --reconstruct a.mp4 b.avi --init checkpoint.pth  # pictures and losses
 
 Each step hides most of each clip's tubelets (tube masking), has the encoder look at the rest, has
 the decoder rebuild the hidden pixels, and descends their mean squared error. Everything lands in
@@ -18,16 +20,18 @@ import engine
 import evaluate
 import mask as masks
 import model as models
+import weights
 
 # The reference's pre-training recipes (ViT-B; github.com/MCG-NJU/VideoMAE, scripts/<data set>/
 # ..._epoch_<E>/pretrain.sh), chosen by --recipe (default: the --data_set's own, else K400's) when
 # --data_path is given; the demo's otherwise. Epochs as in the scripts, one more than the name says;
-# blr and min_blr are the scripts' --lr and --min_lr.
+# blr and min_blr are the scripts' --lr and --min_lr; gpus, the scripts' processes: batch_size x
+# gpus videos make an optimizer step, on any number of processes (engine.setup accumulates).
 K400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
             warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1,
-            save_ckpt_freq=20, no_norm_pix_loss=False, in_memory=False)  # 64 GPUs
+            save_ckpt_freq=20, no_norm_pix_loss=False, in_memory=False, gpus=64)
 UCF101 = {**K400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75,
-          "save_ckpt_freq": 100}  # for 8 GPUs
+          "save_ckpt_freq": 100, "gpus": 8}
 RECIPES = {
     "K400": K400,  # kinetics/..._ratio_0.9_epoch_800
     "SSv2": {**K400, "sampling_rate": 2},  # ssv2/..._ratio_0.9_epoch_800
@@ -55,7 +59,23 @@ def parse_args(argv=None):
         help="rebuild plain pixels, not per-patch normalised ones (default: normalised; demo: plain)")
     arg("--norm_pix_loss", dest="no_norm_pix_loss", action="store_false", default=None,
         help="rebuild per-patch normalised pixels (the default, except on the demo)")
+    arg("--init", metavar="CKPT", help="start from these pre-training weights, encoder and decoder "
+        "(this project's, the reference's, HuggingFace's); epochs, AdamW and lr start afresh")
+    arg("--reconstruct", nargs="+", metavar="VIDEO", help="only draw each video's reconstruction "
+        "by the --init weights, with its loss beside the trivial predictors'; needs no data set")
     args = engine.finish_args(parser, argv, RECIPES, DEMO)
+    if args.reconstruct and not args.init:
+        parser.error("--reconstruct needs pre-training weights to draw with: --init PATH")
+    args.inherited = {}  # --reconstruct: the checkpoint's sizes, mask ratio, target, unless given
+    if args.init:  # refused before any video is read: no file, a classifier, sizes not --model's
+        from_checkpoint = args.reconstruct and "model" in args.recipe_defaults
+        try:
+            saved = weights.pretraining_config(args.init, None if from_checkpoint else args.model)
+        except ValueError as error:
+            parser.error(f"--init {error}")
+        if args.reconstruct:
+            args.inherited = {k: v for k, v in saved.items() if k in args.recipe_defaults}
+            vars(args).update(args.inherited)
     for name in ("mask_ratio", "decoder_mask_ratio"):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} must lie strictly between 0 and 1")
@@ -74,6 +94,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.reconstruct:  # only pictures and losses of the --init weights (evaluate.py)
+        return evaluate.reconstruct(args, engine.Context(args))
     ctx = engine.setup(args)  # this process (under torchrun: its rank and GPU), the lr, the seed
 
     # The videos: the training split (no labels needed), and held-out ones to score the model on.
@@ -93,6 +115,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(models.param_groups(net, args.weight_decay), lr=args.lr,
                                   betas=tuple(args.opt_betas), fused=True)
     run = engine.Run(args, ctx, net, optimizer, dataset)  # the output folder; resumes if it can
+    if args.init and run.start_epoch == 0:  # existing weights; not a resume: epoch 0, fresh AdamW
+        ctx.print(f"--init: {weights.load_pretraining(net, args.init)}")
+    elif args.init:
+        ctx.print(f"--init {args.init} not loaded: the run resumes from its own checkpoint")
     model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel (torchrun)
     grid = net.encoder.grid  # (t, h, w) tokens of a clip
     make_mask = masks.MASKS[args.mask_type]

@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -1158,8 +1159,8 @@ import engine  # noqa: E402
 import finetune  # noqa: E402
 
 SIZES = ["--model", "tiny", "--input_size", "32", "--num_frames", "4", "--sampling_rate", "2"]
-SMALL_RUN = SIZES + ["--batch_size", "2", "--num_workers", "0", "--warmup_epochs", "1", "--save_ckpt_freq", "1",
-                     "--device", "cpu"]
+SMALL_RUN = SIZES + ["--batch_size", "2", "--accum_iter", "1", "--num_workers", "0", "--warmup_epochs", "1",
+                     "--save_ckpt_freq", "1", "--device", "cpu"]  # accum 1: not the recipe's videos per step
 COLOURS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]  # BGR
 
 
@@ -1321,8 +1322,8 @@ def test_finetune_learns_six_classes_resumes_with_the_checkpoints_sizes_and_eval
     assert (out / "confusion.png").read_bytes() == picture and (out / "confusion-eval1.png").exists()
     # --resume to train on: model size, input size, frames and stride from the checkpoint, as with --finetune
     more = tmp_path / "more"
-    finetune.main(recipe + ["--resume", ckpt, "--epochs", "6", "--batch_size", "2", "--num_workers", "0",
-                            "--device", "cpu", "--test_num_segment", "1", "--test_num_crop", "1",
+    finetune.main(recipe + ["--resume", ckpt, "--epochs", "6", "--batch_size", "2", "--accum_iter", "1",
+                            "--num_workers", "0", "--device", "cpu", "--test_num_segment", "1", "--test_num_crop", "1",
                             "--output_dir", str(more)])
     printed = capsys.readouterr().out
     assert "from the checkpoint's config: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2" in printed
@@ -1388,7 +1389,109 @@ def test_knn_probe_separates_a_separable_set(tmp_path, two_classes, capsys):
     assert knn["top1"] == read_log(pre)[-1]["knn_top1"]  # the same probe as pre-training logs
     with pytest.raises(SystemExit) as stop:
         finetune.main(["--data_path", str(two_classes), "--knn", "--finetune", "none", "--device", "cpu"])
-    assert stop.value.code == 2 and "--knn scores a trained encoder" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--knn reads a trained encoder" in capsys.readouterr().err
+
+
+def pretraining_file(path, preset="tiny", epoch=7, **config):
+    """A pre-training checkpoint in this project's format, as a run of `epoch` epochs saves it; its weights are not
+    those that a run (seed 0) starts from."""
+    torch.manual_seed(1)
+    net = MD.build_model("pretrain", preset, img_size=32, num_frames=4)
+    config = {"model": preset, "input_size": 32, "num_frames": 4, "sampling_rate": 2, **config}
+    torch.save({"model": net.state_dict(), "config": config, "epoch": epoch}, path)
+    return path
+
+
+def refused(script, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_reconstruct_any_video_from_our_or_huggingfaces_weights(tmp_path, two_classes, capsys):
+    ckpt = pretraining_file(tmp_path / "pre.pth", mask_ratio=0.75)
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"not a video")
+    videos = [str(two_classes / "dark" / "0.avi"), str(broken), str(two_classes / "bright" / "6.avi")]
+
+    def reconstruct(weights, out, *flags):  # each video's losses: model, mean of visible, nearest visible
+        pretrain.main(["--reconstruct", *videos, "--init", str(weights), "--device", "cpu", "--output_dir", str(out),
+                       *flags])
+        printed = capsys.readouterr().out
+        return printed, [[float(x) for x in re.findall(r"\d+\.\d{4}", line)] for line in printed.splitlines()
+                         if "reconstruction loss" in line]
+
+    printed, losses = reconstruct(ckpt, tmp_path / "ours")  # no data set read; sizes and mask ratio from the file
+    assert "from the checkpoint: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2, --mask_ratio 0.75" in printed
+    assert "broken.avi: not a readable video" in printed and len(losses) == 2 and all(0 < x for x in losses[0])
+    picture = cv2.imread(str(tmp_path / "ours" / "recon-0.png"))  # original / encoder input / rebuilt rows
+    assert picture is not None and (tmp_path / "ours" / "recon-6.png").exists()
+    # exported to HuggingFace's layout: sizes from config.json, the same weights, so the same losses
+    hf = W.export_huggingface(ckpt, tmp_path / "hf")[1]
+    printed, losses_hf = reconstruct(hf, tmp_path / "hf-out", "--mask_ratio", "0.75", "--sampling_rate", "2")
+    assert "from the checkpoint: --model tiny, --input_size 32, --num_frames 4\n" in printed and losses_hf == losses
+    # bad input: one line, exit status 2, before any video is read
+    vit = tmp_path / "classifier.pth"
+    torch.save({"model": MD.build_model("finetune", "tiny", num_classes=2).state_dict()}, vit)
+    for argv, message in [(["--init", str(vit)], f"--init {vit} has no decoder, only an encoder"),
+                          (["--init", str(tmp_path / "no.pth")], f"--init {tmp_path / 'no.pth'} is not a file"),
+                          (["--init", str(broken)], f"--init {broken} is not a checkpoint that torch can read"),
+                          (["--init", str(ckpt), "--model", "small"], "holds a 'tiny' model (encoder 192 wide, 12 "
+                           "blocks; decoder 96 wide, 4 blocks), this run builds 'small' (encoder 384 wide"),
+                          ([], "--reconstruct needs pre-training weights to draw with: --init PATH")]:
+        code, line = refused(pretrain, ["--reconstruct", videos[0], "--device", "cpu", *argv], capsys)
+        assert code == 2 and message in line, line
+
+
+def test_init_starts_a_fresh_run_from_pretraining_weights(tmp_path, two_classes, capsys):
+    ckpt = pretraining_file(tmp_path / "pre.pth", epoch=7)  # not a resume: epoch 0, a fresh AdamW
+    out = tmp_path / "run"
+    argv = ["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--blr", "1e-9", "--save_ckpt_freq", "5"]
+    pretrain.main(argv + ["--init", str(ckpt), "--output_dir", str(out)])
+    assert f"--init: loaded 218/218 tensors, encoder and decoder, from {ckpt}" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0] and read_log(out)[0]["config"]["init"] == str(ckpt)
+    start, end = (torch.load(f, weights_only=True) for f in (ckpt, out / "checkpoint-latest.pth"))
+    for k in start["model"]:  # lr ~1e-9: every tensor, the decoder's too, still the loaded one
+        torch.testing.assert_close(end["model"][k], start["model"][k], rtol=0, atol=1e-6)
+    assert {s["step"].item() for s in end["optimizer"]["state"].values()} == {4.0}  # this run's 4 steps only
+    pretrain.main(argv + ["--init", str(ckpt), "--output_dir", str(out)])  # the same command again: a resume
+    assert f"--init {ckpt} not loaded: the run resumes from its own checkpoint" in capsys.readouterr().out
+    small = pretraining_file(tmp_path / "mini.pth", preset="mini")
+    code, line = refused(pretrain, argv + ["--init", str(small)], capsys)
+    assert code == 2 and line.endswith("this run builds 'tiny' (encoder 192 wide, 12 blocks; decoder 96 wide, 4 "
+                                       "blocks): give --model mini"), line
+
+
+def test_linear_probe_on_cached_features_and_features_npz(tmp_path, two_classes, capsys):
+    # on its own: two classes 8 apart along one of 8 directions; that one shrunk, another one blown up, all far
+    # from 0: BatchNorm standardises each (no learnt scale), with the training set's statistics at test time
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randn(64, 8, generator=gen)
+    x[:, 3] += 8 * y
+    x = 1000 + x * torch.tensor([1e4, 1, 1, 1e-2, 1, 1, 1, 1])
+    scores = evaluate.linear_probe(x[:48], y[:48], x[48:], y[48:])
+    assert scores == {"top1": 1.0, "top5": 1.0, "epochs": 90, "num_videos": 16}
+    ckpt = pretraining_file(tmp_path / "pre.pth")
+    lists = tmp_path / "lists"  # two_classes' lists, and a broken video among the training ones
+    lists.mkdir()
+    (tmp_path / "broken.avi").write_bytes(b"not a video")
+    for name in ("train.txt", "val.txt"):
+        rows = [f"{two_classes / line}\n" for line in (two_classes / name).read_text().splitlines()]
+        (lists / name).write_text("".join(rows[:4] + [f"{tmp_path / 'broken.avi'} 0\n"] * (name == "train.txt") + rows[4:]))
+    out = tmp_path / "probe"
+    finetune.main(["--data_path", str(lists), "--features", "--linprobe", "--finetune", str(ckpt),
+                   "--num_workers", "0", "--device", "cpu", "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert f"1 unreadable train videos left out: {tmp_path / 'broken.avi'}" in printed
+    assert read_log(out)[-1] == {"linprobe": {"top1": 1.0, "top5": 1.0, "epochs": 90, "num_videos": 5}}
+    assert f"wrote {out / 'features.npz'}: 13 videos x 192 features, train 8, test 5" in printed
+    saved = np.load(out / "features.npz")  # plain arrays: no pickle
+    assert saved["features"].dtype == np.float32 and saved["features"].shape == (13, 192)
+    assert list(saved["split"]) == ["train"] * 8 + ["test"] * 5 and list(saved["labels"]) == [0] * 4 + [1] * 4 + [0] * 3 + [1] * 2
+    assert saved["paths"][0].endswith("dark/0.avi") and saved["paths"][-1].endswith("bright/5.avi")
+    code, line = refused(finetune, ["--data_path", str(two_classes), "--linprobe", "--device", "cpu"], capsys)
+    assert code == 2 and "--linprobe reads a trained encoder: give it with --finetune PATH" in line
 
 
 def test_a_mask_ratio_that_hides_nothing_is_refused(tmp_path, two_classes, capsys):
@@ -1815,30 +1918,35 @@ def test_recipes_are_the_reference_scripts():
     # (K400 and SSv2: the 800-epoch ones); what a script leaves out is run_*.py's default
     k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=32, epochs=801,
                 warmup_epochs=40, blr=1.5e-4, min_blr=1e-5, mask_ratio=0.9, num_sample=1, save_ckpt_freq=20,
-                no_norm_pix_loss=False, in_memory=False)
-    ucf = {**k400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75, "save_ckpt_freq": 100}
+                no_norm_pix_loss=False, in_memory=False, gpus=64)  # the scripts' processes: K400 and SSv2 64, UCF101 8
+    ucf = {**k400, "batch_size": 24, "epochs": 3201, "blr": 3e-4, "mask_ratio": 0.75, "save_ckpt_freq": 100, "gpus": 8}
     assert pretrain.RECIPES == {"K400": k400, "SSv2": {**k400, "sampling_rate": 2}, "UCF101": ucf,
                                 "HMDB51": {**ucf, "epochs": 4800}}  # HMDB51: no script; the paper's epochs
     k400 = dict(model="base", input_size=224, num_frames=16, sampling_rate=4, batch_size=8, epochs=100,
                 warmup_epochs=5, blr=1e-3, min_blr=1e-6, num_sample=1, save_ckpt_freq=10, layer_decay=0.75,
                 drop_path=0.1, head_drop_rate=0.0, no_flip=False, sampling="i3d", test_num_segment=5, test_num_crop=3,
                 aa="rand-m7-n4-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, crop_scale=(0.08, 1.0),
-                in_memory=False)  # run_class_finetuning.py's defaults: RandAugment, erasing, mixup, cutmix, crop
-    ucf = {**k400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50,
+                in_memory=False, gpus=64)  # run_class_finetuning.py's defaults: RandAugment, erasing, mixup, ...
+    ucf = {**k400, "batch_size": 16, "blr": 5e-4, "min_blr": 1e-5, "num_sample": 2, "save_ckpt_freq": 50, "gpus": 8,
            "layer_decay": 0.7, "drop_path": 0.2, "head_drop_rate": 0.5}
     ssv2 = {**k400, "epochs": 50, "blr": 5e-4, "no_flip": True, "sampling": "segment", "test_num_segment": 2}
     assert finetune.RECIPES == {"K400": k400, "SSv2": ssv2, "UCF101": ucf, "HMDB51": ucf}
+
+
+def recipe_of(args, recipe):
+    """The run's values of a recipe's flags; its GPUs from its videos per step (no flag: this run's are its own)."""
+    return {**{k: vars(args)[k] for k in recipe if k != "gpus"}, "gpus": args.recipe_videos // args.batch_size}
 
 
 def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeypatch):
     root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
     for argv in (["--data_set", "UCF101"], []):  # named, or recognised by its split folder
         args = parsed_args(pretrain, ["--data_path", str(root), *argv], monkeypatch)
-        assert args.recipe == "UCF101" and {k: vars(args)[k] for k in pretrain.RECIPES["UCF101"]} == pretrain.RECIPES["UCF101"]
+        assert args.recipe == "UCF101" and recipe_of(args, pretrain.RECIPES["UCF101"]) == pretrain.RECIPES["UCF101"]
     args = parsed_args(pretrain, ["--data_path", str(root), "--recipe", "SSv2", "--batch_size", "4"], monkeypatch)
     assert (args.data_set, args.sampling_rate, args.mask_ratio, args.batch_size) == ("UCF101", 2, 0.9, 4)
     args = parsed_args(finetune, ["--data_path", str(root)], monkeypatch)
-    assert {k: vars(args)[k] for k in finetune.RECIPES["UCF101"]} == finetune.RECIPES["UCF101"]
+    assert recipe_of(args, finetune.RECIPES["UCF101"]) == finetune.RECIPES["UCF101"]
     monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)  # no --data_path: the demo's own values
     for script in (pretrain, finetune):
         args = parsed_args(script, [], monkeypatch)
@@ -1855,6 +1963,32 @@ def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeyp
     assert math.isclose(args.lr, 3e-4 * 24 * 8 * 3 / 256) and math.isclose(args.min_lr, 1e-5 * 24 * 8 * 3 / 256)
 
 
+def test_a_recipe_keeps_its_videos_per_step_on_any_number_of_processes(tmp_path, monkeypatch, capsys):
+    root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
+
+    def started(script, argv, world=1):  # parsed and set up as on `world` processes
+        monkeypatch.setattr(engine, "Context", lambda args: __import__("types").SimpleNamespace(world=world, print=print))
+        args = script.parse_args(argv)
+        engine.setup(args)
+        return args, capsys.readouterr().out
+
+    ucf = ["--data_path", str(root)]
+    # UCF101 pre-training: 24 videos x 8 GPUs = 192 a step; one process with --batch_size 4 accumulates 48
+    args, out = started(pretrain, ucf + ["--batch_size", "4"])
+    assert (args.accum_iter, args.videos_per_step) == (48, 192) and math.isclose(args.lr, 3e-4 * 192 / 256)
+    assert "(4 videos x 1 processes x 48 accum; the UCF101 recipe: 192 videos per step)" in out
+    assert started(pretrain, ucf, world=8)[0].accum_iter == 1  # the script's own 8 GPUs
+    assert started(finetune, ucf, world=2)[0].accum_iter == 4  # fine-tuning: 16 x 8 = 128 = 16 x 2 x 4
+    # 5 x 1 divides no 192: the nearest, 38 x 5 = 190; the line gives both and the lr that follows
+    args, out = started(pretrain, ucf + ["--batch_size", "5"])
+    assert args.accum_iter == 38 and "x 190 videos per step / 256 = lr 0.000223" in out and "192 videos per" in out
+    assert started(pretrain, ucf + ["--batch_size", "4", "--update_freq", "2"])[0].videos_per_step == 8  # given
+    monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)  # the demo: one process, by design
+    for script in (pretrain, finetune):
+        args, out = started(script, [])
+        assert args.accum_iter == 1 and args.videos_per_step == script.DEMO["batch_size"], out
+
+
 def test_recipe_is_written_at_the_top_of_the_log(tmp_path):
     root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
     out = tmp_path / "run"
@@ -1864,6 +1998,7 @@ def test_recipe_is_written_at_the_top_of_the_log(tmp_path):
     assert config["recipe"] == "UCF101" and (config["mask_ratio"], config["blr"], config["min_blr"]) == (0.75, 3e-4, 1e-5)
     assert config["save_ckpt_freq"] == 1 and config["warmup_epochs"] == 1  # given flags win
     assert math.isclose(config["lr"], 3e-4 * 2 / 256) and "mask_ratio" in config["recipe_defaults"]
+    assert (config["recipe_videos"], config["videos_per_step"], config["accum_iter"]) == (192, 2, 1)  # as given
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

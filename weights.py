@@ -316,6 +316,64 @@ def _logged_epoch(line):
         return math.inf
 
 
+# ----------------------------------------------------- pre-training weights: --init, --reconstruct
+
+_WIDTHS = ("embed_dim", "depth", "decoder_embed_dim", "decoder_depth")  # what its tensors show
+_TAKEN = ("input_size", "num_frames", "sampling_rate", "mask_ratio", "no_norm_pix_loss")
+
+
+def _sizes_text(sizes):
+    return "encoder {} wide, {} blocks; decoder {} wide, {} blocks".format(*sizes)
+
+
+def pretraining_config(path, preset=None):
+    """What --init and --reconstruct need of a pre-training checkpoint (any format load_checkpoint
+    reads): 'model', the preset of its tensors' sizes, and what its configuration says (this
+    project's, the reference's saved flags, or config.json beside HuggingFace weights) of _TAKEN.
+    ValueError, one line: no checkpoint, no decoder (a classifier's), sizes of no preset or not of
+    `preset`."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    try:
+        ckpt = read_file(path)
+        sd = canonical_weights(ckpt)
+    except Exception as error:  # torch's and safetensors' errors differ by format and version
+        raise ValueError(f"{path} is not a checkpoint that torch can read "
+                         f"({type(error).__name__})") from None
+    if not any(k.startswith(_DECODER_KEYS) for k in sd):
+        raise ValueError(f"{path} has no decoder, only an encoder (a fine-tuned classifier?): "
+                         f"give pre-training weights, encoder and decoder")
+
+    def blocks(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    widths = [sd[k].shape[0] if k in sd else None
+              for k in ("encoder.patch_embed.proj.weight", "encoder_to_decoder.weight")]
+    sizes = (widths[0], blocks("encoder.blocks."), widths[1], blocks("decoder.blocks."))
+    found = [name for name, p in PRESETS.items() if sizes == tuple(p[k] for k in _WIDTHS)]
+    if not found:
+        raise ValueError(f"{path}: {_sizes_text(sizes)}: no preset of model.py has these sizes")
+    if preset and found[0] != preset:
+        wanted = _sizes_text([PRESETS[preset][k] for k in _WIDTHS])
+        raise ValueError(f"{path} holds a '{found[0]}' model ({_sizes_text(sizes)}), this run "
+                         f"builds '{preset}' ({wanted}): give --model {found[0]}")
+    saved = ckpt.get("args")  # the reference's flags, an argparse.Namespace
+    saved = dict(vars(saved)) if isinstance(saved, argparse.Namespace) else checkpoint_config(path)
+    if "normlize_target" in saved:  # the reference's spelling of the normalised-pixel target
+        saved["no_norm_pix_loss"] = not saved["normlize_target"]
+    return {"model": found[0], **{k: saved[k] for k in _TAKEN if saved.get(k) is not None}}
+
+
+def load_pretraining(net, path):
+    """Every tensor of the VideoMAE `net`, encoder and decoder, from a checkpoint that
+    pretraining_config accepted; returns the line that says so."""
+    missing, _ = load_checkpoint(net, path, verbose=False)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    total = len(net.state_dict())
+    return f"loaded {total}/{total} tensors, encoder and decoder, from {path}"
+
+
 # ------------------------------------------------------------------ writing: the HuggingFace layout
 
 # A preset's sizes -> the names of HuggingFace's config.json.
@@ -327,7 +385,8 @@ _HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers",
 
 def checkpoint_config(path):
     """The run configuration a checkpoint carries: this project's 'config', else what HuggingFace's
-    config.json beside the weights says (preset, input size, frames, class names), else {}."""
+    config.json beside the weights says (preset, input size, frames, loss target, class names), else
+    {}."""
     saved = read_file(path).get("config")
     beside = Path(path).parent / "config.json"
     if saved or not beside.is_file():
@@ -339,6 +398,7 @@ def checkpoint_config(path):
                       for k in ("embed_dim", "depth", "num_heads"))]
     config = {"model": presets[0] if presets else None, "input_size": hf.get("image_size"),
               "num_frames": hf.get("num_frames"),
+              "no_norm_pix_loss": hf.get("norm_pix_loss") is False,  # pre-training's loss target
               "classes": [labels[str(i)] for i in range(len(labels))]}
     return {k: v for k, v in config.items() if v}
 
