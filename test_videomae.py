@@ -368,11 +368,64 @@ def test_checkpoint_wrappings_and_prefixes(wrapping, tmp_path):
 def test_wrong_checkpoints_give_clear_errors(tmp_path):
     path = tmp_path / "small.pth"
     torch.save({"model": MD.VideoMAE(**{**TINY, "embed_dim": 96}).state_dict()}, path)
-    with pytest.raises(ValueError, match=r"small.pth: tensor 'encoder.patch_embed.proj.weight' has shape \(96"):
+    with pytest.raises(W.CheckpointError, match=r"small.pth holds a custom encoder \(96 wide, 2 blocks\), the model is "
+                                                r"custom \(48 wide, 2 blocks\); no --model has that size"):
+        W.load_checkpoint(tiny_mae(), path)
+    torch.save({"model": MD.VideoMAE(**{**TINY, "decoder_embed_dim": 12}).state_dict()}, path)
+    with pytest.raises(W.CheckpointError, match=r"small.pth: tensor 'mask_token' is \(1, 1, 12\), the model's \(1, 1, 24\)"):
         W.load_checkpoint(tiny_mae(), path)
     torch.save({"model": {"resnet.conv1.weight": torch.zeros(3)}}, path)
-    with pytest.raises(ValueError, match="no tensor matches"):
+    with pytest.raises(W.CheckpointError, match="no tensor matches"):
         W.load_checkpoint(tiny_mae(), path)
+
+
+class Optimizer:
+    """Any class of the user's, pickled in a checkpoint: a safe load (weights_only) refuses to run its code."""
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "nothing.pth is not a file; give a checkpoint file"),
+    ("folder", "folder is not a file; give a checkpoint file"),
+    ("empty", "empty.pth is empty (0 bytes)"),
+    ("text", "text.pth is no checkpoint: not written by torch.save, or cut short"),
+    ("cut short", "cut.pth is no checkpoint: not written by torch.save, or cut short"),
+    ("an object", "object.pth is no checkpoint: it holds a test_videomae.Optimizer object, which a safe load refuses"),
+    ("no dict", "list.pth holds a list, not a checkpoint's dict"),
+])
+def test_files_that_are_no_checkpoint_are_named_in_one_line(kind, message, tmp_path):
+    (tmp_path / "folder").mkdir()
+    torch.save({"model": tiny_vit().state_dict()}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("epoch 3, loss 0.1\n")
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])  # a copy that did not finish
+    torch.save({"model": tiny_vit().state_dict(), "optimizer": Optimizer()}, tmp_path / "object.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(W.CheckpointError) as error:
+        W.load_checkpoint(tiny_vit(), tmp_path / message.split()[0])
+    assert message in str(error.value) and "\n" not in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_a_checkpoint_that_would_leave_the_encoder_partly_random_is_refused(tmp_path, capsys):
+    # the demo's mini (6 blocks) into tiny (12): blocks 6-11 would start at random
+    mini = MD.build_model("pretrain", "mini", img_size=32, num_frames=4)
+    torch.save({"model": mini.state_dict(), "config": {"model": "mini"}, "epoch": 0}, tmp_path / "mini.pth")
+    tiny = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=2)
+    with pytest.raises(W.CheckpointError) as error:
+        W.load_checkpoint(tiny, tmp_path / "mini.pth")
+    assert str(error.value) == (f"{tmp_path / 'mini.pth'} holds a mini encoder (192 wide, 6 blocks), the model is "
+                                f"tiny (192 wide, 12 blocks); give --model mini, or leave --model out to let the "
+                                f"checkpoint choose")
+    # a tensor of the encoder missing: refused, the first ones named; a fresh classifier is expected, in one line
+    sd = tiny_mae().state_dict()
+    del sd["encoder.blocks.1.mlp.fc2.weight"], sd["encoder.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(W.CheckpointError, match=r"lacks 2 tensors of the model, which would start at random "
+                                                r"\(blocks.1.mlp.fc2.weight, blocks.1.mlp.fc2.bias\)"):
+        W.load_checkpoint(tiny_vit(), {"model": sd})
+    W.load_checkpoint(tiny_vit(), {"model": tiny_mae().state_dict()})
+    line = capsys.readouterr().out.strip()
+    assert line == ("loaded 28/32 tensors from state dict; pre-training decoder ignored; starting fresh as "
+                    "expected: fc_norm.weight, fc_norm.bias, head.weight, head.bias")
 
 
 def exported(kind, tmp_path):
@@ -1313,10 +1366,11 @@ def test_fewer_videos_than_one_step_are_refused_at_start(tmp_path, two_classes, 
         "--accum_iter, or add videos")
 
 
-def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch):
-    # The durable writes at the end of an epoch (log line, latest and numbered checkpoint), counted from epoch 0
-    # on; a kill just before the k-th of them, or in the middle of the log line, then a resume: every epoch is in
-    # the log once.
+def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line_nor_numbered_checkpoint(tmp_path, monkeypatch):
+    # The durable writes at the end of an epoch (log line, curves, numbered and latest checkpoint), counted from
+    # epoch 0 on; a kill just before the k-th of them, or in the middle of the log line, then a resume: every
+    # epoch is in the log once, and every numbered checkpoint is there (the numbered one is written before the
+    # newest: a kill between them runs its epoch again).
     from types import SimpleNamespace
 
     class Killed(Exception):
@@ -1353,6 +1407,8 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
                     writes = None
             assert writes is None  # the kill happened
             assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1, 2], (kill_at, half_line)
+            numbered = sorted(p.name for p in out.glob("checkpoint-0*.pth"))
+            assert numbered == ["checkpoint-0000.pth", "checkpoint-0001.pth", "checkpoint-0002.pth"], kill_at
 
 
 def test_unreadable_test_videos_are_named_not_scored(videos, tmp_path):
