@@ -219,7 +219,7 @@ def build_classifier(args, weights, ctx, resuming=None):
     net.grad_checkpointing = args.grad_ckpt
     if weights:
         ctx.print(f"initial weights: {weights}")
-        load_checkpoint(net, weights, verbose=ctx.main)
+        load_checkpoint(net, weights, ctx.main, fresh_head=not (args.eval or args.predict))
     elif not resuming:
         ctx.print("no --finetune checkpoint: training from scratch")
     return net.to(ctx.device), saved

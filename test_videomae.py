@@ -1419,6 +1419,8 @@ def bad_input(case, root, videos):
                                                  checkpoint("ft.pth", "finetune", "tiny", **run)],
             "--resume of bare weights": lambda: ["--data_path", str(videos), "--resume",
                                                  checkpoint("weights.pth", "pretrain", "tiny")],
+            "--eval of a pre-training checkpoint": lambda: ["--data_path", str(videos), "--eval", "--finetune",
+                                                            checkpoint("pre.pth", "pretrain", "tiny")],
             "--finetune of another depth": lambda: ["--data_path", str(videos), "--finetune", checkpoint(
                 "mini.pth", "pretrain", "mini", config={"model": "mini"})],
             }[case]()
@@ -1453,6 +1455,9 @@ def bad_input(case, root, videos):
                                            "to fine-tune pre-trained weights, give them --finetune"),
     (pretrain, "--resume of bare weights", "{root}/weights.pth holds no run's state (optimizer, epoch) to resume; "
                                            "fine-tune from its weights: finetune.py --finetune {root}/weights.pth"),
+    (finetune, "--eval of a pre-training checkpoint", "{root}/pre.pth lacks 4 tensors of the model, which would "
+                                                      "start at random (fc_norm.weight, fc_norm.bias, head.weight and "
+                                                      "1 more); give a whole checkpoint"),
     (finetune, "--finetune of another depth", "{root}/mini.pth holds a mini encoder (192 wide, 6 blocks), the model "
                                               "is tiny (192 wide, 12 blocks); give --model mini, or leave --model out "
                                               "to let the checkpoint choose"),
@@ -1678,8 +1683,11 @@ def test_torchrun_two_cpu_processes_pretrain_and_count_every_test_video_once(tmp
     assert "x 2 processes" in out
     assert [r["epoch"] for r in read_log(pre)[1:]] == [0, 1] and read_log(pre)[0]["world_size"] == 2
     assert read_log(pre)[-1]["clips_per_step"] == 4  # 2 videos on each of 2 processes
-    ckpt = str(pre / "checkpoint-latest.pth")
-    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", ckpt, "--eval"]
+    classifier = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=2)
+    W.load_checkpoint(classifier, pre / "checkpoint-latest.pth", verbose=False)  # a head saved with it: --eval
+    # refuses to test one that would start at random
+    torch.save({"model": classifier.state_dict()}, tmp_path / "classifier.pth")
+    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", str(tmp_path / "classifier.pth"), "--eval"]
     torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
     finetune.main(["--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "s")])
     ddp, single = read_log(tmp_path / "d")[-1]["test"], read_log(tmp_path / "s")[-1]["test"]

@@ -181,7 +181,7 @@ def size_mismatch(source, theirs, ours, path=None):
             f"({our_size}); {fix}")
 
 
-def load_checkpoint(model, path_or_state_dict, verbose=True):
+def load_checkpoint(model, path_or_state_dict, verbose=True, fresh_head=True):
     """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
 
     Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder.
@@ -189,7 +189,7 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
     (pytorch_model.bin, model.safetensors). A pre-training checkpoint fills a VideoViT's encoder
     (its decoder is ignored, fc_norm and head start fresh); a head of another class count is
     dropped. An encoder of another size, a tensor of another shape or one the model would keep at
-    random (anything but a fresh fc_norm and head) is a CheckpointError naming it."""
+    random (anything but a fresh fc_norm and head, if fresh_head) is a CheckpointError naming it."""
     from_file = not isinstance(path_or_state_dict, dict)
     ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
@@ -219,7 +219,7 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
                                   f"{tuple(own[key].shape)}; give the sizes it was saved with")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    expected = ("fc_norm.", "head.") if isinstance(model, VideoViT) else ()  # a fresh classifier
+    expected = ("fc_norm.", "head.") if fresh_head and isinstance(model, VideoViT) else ()
     fresh = [k for k in missing if k.startswith(expected)]
     at_random = [k for k in missing if k not in fresh]
     if at_random:
