@@ -136,9 +136,8 @@ class VideoDataset(torch.utils.data.Dataset):
                  test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
         if (mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment')
                 or not samples):
-            raise ValueError(
-                f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} (i3d/segment), "
-                f"{len(samples)} samples; check the arguments and --data_path")
+            raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} "
+                             f"(i3d/segment), {len(samples)} samples; check the arguments")
         self.samples, self.mode, self.sampling, self.seed = list(samples), mode, sampling, seed
         self.T, self.rate, self.size = num_frames, sampling_rate, input_size
         self.num_sample, self.augment, self.crop_scale = num_sample, augment, tuple(crop_scale)
@@ -212,24 +211,47 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return ((i, self.epoch) for i in super().__iter__())
 
 
+def make_loader(dataset, args, ctx, train):
+    """A DataLoader over this process's share of the videos; for training shuffled, its workers kept
+    across epochs. A test batch holds at most a training batch's clips (or one video's views), so
+    its workers' prefetched batches fit where training's do (16 x 15 views would be 578 MB each)."""
+    sampler = EpochSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed,
+                           drop_last=train)
+    batch = args.batch_size if train else max(1, args.batch_size * args.num_sample // dataset.views)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch, sampler=sampler, num_workers=args.num_workers, drop_last=train,
+        pin_memory=ctx.device.type == "cuda", persistent_workers=train and args.num_workers > 0,
+        prefetch_factor=4 if args.num_workers else None)
+    if train and len(loader) < args.accum_iter:  # not one whole step: the loop would run none
+        raise DataError(f"{len(dataset)} training videos make no step of {args.batch_size} videos "
+                        f"x {ctx.world} processes x {args.accum_iter} accum_iter = "
+                        f"{args.videos_per_step}; lower --batch_size or --accum_iter, or add videos")
+    return loader, sampler
+
+
 # -------------------------------------------------------------------------------- data sets on disk
 
-def load_samples(data_path, data_set=None, split=1, train=True):
+class DataError(ValueError):
+    """A data set unfit for use as given: its one-line message names the file and the fix."""
+
+
+def load_samples(data_path, data_set=None, split=1, train=True, missing_ok=False):
     """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101',
     'HMDB51' (as distributed, split folder beside or inside), 'list' (a list file, or a folder with
-    train.txt and val.txt), 'folder' (class subfolders, else unlabelled), 'demo', None: guess."""
+    train.txt and val.txt if any), 'folder' (class subfolders, else unlabelled), 'demo', None:
+    guess. DataError: no training video, a listed (linked) one missing (missing_ok: kept)."""
     root = Path(data_path)
     if data_set == 'demo':  # an existing demo set is used whatever its parameters
         if not (root / 'meta.json').is_file():
             root = plots.make_demo_dataset(root)
         data_set = 'list'
     if not root.exists():
-        raise FileNotFoundError(f"--data_path {root} does not exist")
+        raise DataError(f"--data_path {root} does not exist")
     splits = _split_dirs(root)
     data_set = data_set or guess_data_set(root)
     if data_set in SPLIT_DIRS and data_set not in splits:
-        raise FileNotFoundError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it "
-                                f"for the split files")
+        raise DataError(f"{root}: no {SPLIT_DIRS[data_set]}/ inside or beside it for the split "
+                        f"files; give the data set's folder as distributed")
     if data_set == 'UCF101':
         # classInd.txt: "1 ApplyEyeMakeup"; the lists: "Class/v_Class_g08_c01.avi[ 1]"
         names = (splits[data_set] / 'classInd.txt').read_text().split()[1::2]
@@ -244,20 +266,23 @@ def load_samples(data_path, data_set=None, split=1, train=True):
                    for where, line in _lines(folder / (c + suffix)) if line.split()[-1] == tag]
     elif data_set == 'list':
         lst = root / ('train.txt' if train else 'val.txt') if root.is_dir() else root
-        entries, names = _list_file(lst)
+        entries, names = _list_file(lst) if train or lst.exists() else ([], [])
     elif data_set == 'folder':  # labelled by class subfolder, unless some video lies outside one
-        videos = sorted(p.relative_to(root) for p in root.rglob('*')
-                        if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+        videos = sorted(p.relative_to(root) for p in root.rglob('*')  # broken links too: named
+                        if p.suffix.lower() in VIDEO_EXTS and (p.is_file() or p.is_symlink()))
         in_subfolders = all(len(p.parts) > 1 for p in videos)
-        classes = sorted({p.parts[0] for p in videos}) if in_subfolders else []
-        label = {c: k for k, c in enumerate(classes)}
-        return [(str(root / p), label.get(p.parts[0], -1)) for p in videos], classes
+        names = sorted({p.parts[0] for p in videos}) if in_subfolders else []
+        label = {c: k for k, c in enumerate(names)}
+        entries = [(root / p, label.get(p.parts[0], -1), 'a broken link') for p in videos]
     else:
-        raise ValueError(f"--data_set {data_set!r}: expected UCF101, HMDB51, list, folder or demo")
+        raise DataError(f"--data_set {data_set!r}: expected UCF101, HMDB51, list, folder or demo")
     missing = [f'{where}: {path}' for path, _, where in entries if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} missing); "
-                                f"fix the list or the data path")
+    if missing and not missing_ok:
+        raise DataError(f"{missing[0]} does not exist ({len(missing)} missing); fix the list, the "
+                        f"link or --data_path, or remove it")
+    if train and not entries:
+        raise DataError(f"--data_path {root} holds no training videos: {'/'.join(VIDEO_EXTS)} "
+                        f"files in class folders, or a list of 'video label' lines")
     return [(str(path), label) for path, label, _ in entries], names
 
 
@@ -286,7 +311,11 @@ def _split_dirs(root):
 
 def _lines(path):
     """(where, text) of each non-empty line, where = 'path:line number'."""
-    rows = Path(path).read_text().splitlines()
+    try:
+        rows = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:  # missing; not text (a video given as a list?)
+        raise DataError(f"{path} cannot be read as a list of 'video label' lines "
+                        f"({getattr(error, 'strerror', None) or 'not text'})") from None
     return [(f'{path}:{k}', line.strip()) for k, line in enumerate(rows, 1) if line.strip()]
 
 
@@ -297,6 +326,9 @@ def _list_file(lst):
     for where, line in _lines(lst):
         m = re.fullmatch(r'(.+?)\s+(-?\d+)', line)
         path, label = (m[1], int(m[2])) if m else (line, -1)
+        if not m and len(line.split()) > 1 and not (lst.parent / line).exists():  # no path either
+            raise DataError(f"{where}: label {line.split()[-1]!r} is not a whole number; write "
+                            f"'video label', labels from 0 to the number of classes - 1")
         entries.append((lst.parent / path, label, where))
         parents.setdefault(label, set()).add(Path(path).parent.name)
     names = range(max(parents, default=-1) + 1)
@@ -405,12 +437,15 @@ def main():
         description='Report unreadable, truncated and short videos, and class counts.')
     ap.add_argument('--check', metavar='DATA_PATH', required=True)
     ap.add_argument('--data_set', choices=['UCF101', 'HMDB51', 'list', 'folder', 'demo'])
-    ap.add_argument('--split', type=int, default=1)
+    ap.add_argument('--split', type=int, default=1, choices=[1, 2, 3])
     ap.add_argument('--min_frames', type=int, default=64,
                     help='num_frames x sampling_rate of the runs')
     args = ap.parse_args()
-    sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train')
-            for name in ('train', 'test')}
+    try:  # missing videos are kept: named below, as the unreadable ones
+        sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train', True)
+                for name in ('train', 'test')}
+    except DataError as error:
+        ap.error(str(error))
     if sets['train'] == sets['test']:  # one list or folder
         sets = {'all': sets['train']}
     paths = sorted({p for samples, _ in sets.values() for p, _ in samples})

@@ -1,9 +1,11 @@
 """What pretrain.py and finetune.py share, none of it VideoMAE itself: arguments and recipes,
-processes under torchrun, loaders, the lr schedule, an epoch's bookkeeping, the optimizer step."""
+processes under torchrun, the lr schedule, an epoch's bookkeeping, the optimizer step."""
 import argparse
 import contextlib
+import functools
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -16,26 +18,46 @@ from tqdm import tqdm
 import data
 import model as models
 import plots
-from weights import RunFolder
+from weights import CheckpointError, RunFolder, unwritable
 
 # ---------------------------------------------------------------------------------------- arguments
 
-# Flags whose default comes from the recipe (None until finish_args): (names, type, help); a second
-# name is the reference's spelling.
+def number(kind=float, least=-math.inf, most=math.inf, above=-math.inf, below=math.inf):
+    """An argparse type: a `kind` number within the bounds given (least <= x <= most, above < x <
+    below); argparse refuses any other with one line naming the flag and the range."""
+    def parse(text):
+        value = kind(text)
+        if not (least <= value <= most and above < value < below):
+            bounds = {"at least": least, "above": above, "at most": most, "below": below}
+            words = " and ".join(f"{w} {b:g}" for w, b in bounds.items() if math.isfinite(b))
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {words}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's words for no number: "invalid int value: 'x'"
+    return parse
+
+
+COUNT, SHARE = number(int, least=1), number(least=0, most=1)  # the commonest ranges
+
+
+def device(text):
+    """An argparse type: cpu, cuda (torchrun: each process the GPU of its LOCAL_RANK) or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is no device: give cpu, cuda or cuda:N")
+    return text
+# Flags whose default comes from the recipe (None until finish_args): (names, type and range,
+# help); a second name is the reference's spelling.
 RECIPE_FLAGS = [
-    (["--batch_size"], int, "videos per process and step"),
-    (["--epochs"], int, ""),
-    (["--input_size"], int, "crop size in pixels"),
-    (["--num_frames"], int, "frames per clip"),
-    (["--sampling_rate"], int, "frame stride"),
-    (["--warmup_epochs"], float, ""),
-    (["--blr", "--lr"], float, "base lr: lr = blr x videos per optimizer step / 256"),
-    (["--min_blr", "--min_lr"], float, "base lr at the end of the cosine, scaled as blr"),
-    (["--num_sample"], int, "crops of each decoded clip (repeated sampling; not in the lr rule)"),
-    (["--save_ckpt_freq"], int, "epochs between numbered checkpoints"),
+    (["--batch_size"], COUNT, "videos per process and step"),
+    (["--epochs"], COUNT, ""),
+    (["--input_size"], COUNT, "crop size in pixels"),
+    (["--num_frames"], COUNT, "frames per clip"),
+    (["--sampling_rate"], COUNT, "frame stride"),
+    (["--warmup_epochs"], number(least=0), ""),
+    (["--blr", "--lr"], number(above=0), "base lr: lr = blr x videos per optimizer step / 256"),
+    (["--min_blr", "--min_lr"], number(least=0), "base lr at the end of the cosine, as blr"),
+    (["--num_sample"], COUNT, "crops of each decoded clip (repeated sampling; not in the lr rule)"),
+    (["--save_ckpt_freq"], COUNT, "epochs between numbered checkpoints"),
 ]
-AT_LEAST_ONE = ("batch_size", "epochs", "sampling_rate", "num_sample", "accum_iter",
-                "save_ckpt_freq", "per_class")
 
 
 def common_parser(doc, recipes, demo):
@@ -55,36 +77,35 @@ def common_parser(doc, recipes, demo):
         name = names[0][2:]
         arg(*names, dest=name, type=kind,
             help=f"{hint} (K400 recipe {recipes['K400'].get(name)}, demo {demo.get(name)})")
-    arg("--accum_iter", "--update_freq", dest="accum_iter", type=int,
+    arg("--accum_iter", "--update_freq", dest="accum_iter", type=COUNT,
         help="micro-batches per optimizer step (default: the recipe's videos per step, README)")
     arg("--in_memory", action="store_true", default=None,
         help="decode each video once and keep its frames in memory (default: the demo only)")
-    arg("--per_class", type=int, help="train on the first N videos of each class only")
-    arg("--weight_decay", type=float, default=0.05)
-    arg("--clip_grad", type=float, help="clip the gradient norm to this value")
-    arg("--num_workers", type=int, help="loading processes per GPU (default: up to 8; 0 in memory)")
+    arg("--per_class", type=COUNT, help="train on the first N videos of each class only")
+    arg("--weight_decay", type=number(least=0), default=0.05)
+    arg("--clip_grad", type=number(above=0), help="clip the gradient norm to this value")
+    arg("--num_workers", type=number(int, least=0),
+        help="loading processes per GPU (default: up to 8; 0 in memory)")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
-    arg("--latest_every", type=float, default=10, help="minutes between two writes of the newest "
+    arg("--latest_every", type=number(least=0), default=10, help="minutes between two writes of the newest "
         "checkpoint besides numbered and last epochs (a kill loses at most that); 0: every epoch")
-    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    arg("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast (default: bf16 on GPUs)")
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory, more time")
-    arg("--seed", type=int, default=0)
+    arg("--seed", type=number(int, least=0), default=0)
     return p
 
 
 def finish_args(parser, argv, recipes, demo):
-    """Parse; every flag not given from the recipe (without --data_path, the demo's values over
-    K400's); refuse bad values with one line."""
+    """Parse (a number out of its type's range is refused there); every flag not given from the
+    recipe (without --data_path, the demo's values over K400's); refuse bad values with one line."""
     args = parser.parse_args(argv)
     videos_only = next((k for k in ("predict", "reconstruct") if getattr(args, k, None)), None)
     args.demo = args.data_path is None and not videos_only  # --predict, --reconstruct: no data
     if args.demo:
         args.data_path = str(plots.make_demo_dataset("data/demo"))
         args.data_set = "list"
-    elif args.data_path is not None and not os.path.exists(args.data_path):
-        parser.error(f"--data_path {args.data_path} does not exist")
     if args.data_set is None and args.data_path:
         args.data_set = data.guess_data_set(args.data_path)
     args.recipe = args.recipe or (args.data_set if args.data_set in recipes else "K400")
@@ -96,18 +117,15 @@ def finish_args(parser, argv, recipes, demo):
     script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
     run = videos_only or ("demo" if args.demo else args.data_set or "data")
     args.output_dir = args.output_dir or os.path.join("runs", f"{script}-{run}")
+    if unwritable(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir}: {unwritable(args.output_dir)}")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.num_workers is None:  # clips cut from frames in memory need no worker processes
         args.num_workers = 0 if args.in_memory else min(8, os.cpu_count() or 1)
-    if args.num_frames % models.TUBELET_SIZE:
-        parser.error(f"--num_frames {args.num_frames} is not a multiple of the tubelet size "
-                     f"{models.TUBELET_SIZE}")
-    if args.input_size % models.PATCH_SIZE:
-        parser.error(f"--input_size {args.input_size} is not a multiple of the patch size "
-                     f"{models.PATCH_SIZE}")
-    for name in AT_LEAST_ONE:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name, unit, size in (("num_frames", "tubelet", models.TUBELET_SIZE),
+                             ("input_size", "patch", models.PATCH_SIZE)):
+        if vars(args)[name] % size:
+            parser.error(f"--{name} {vars(args)[name]} is not a multiple of the {unit} size {size}")
     if args.device.startswith("cuda:") and "LOCAL_RANK" in os.environ:
         parser.error(f"--device {args.device}: under torchrun each process takes the GPU of its "
                      f"LOCAL_RANK; give --device cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
@@ -167,42 +185,38 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
-def refuse(message):
-    """A mistake found before training starts: one line on stderr, exit status 2 (as argparse)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def command(main):
+    """main(argv) as a command: a mistake named below (data.DataError, weights.CheckpointError) is
+    one line, exit status 2 as argparse's; Ctrl-C stops at once, 130, no traceback, files whole."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except (data.DataError, CheckpointError) as error:
+            code, line = 2, f"error: {error}"
+        except KeyboardInterrupt:
+            code, line = 130, "\nstopped (Ctrl-C): the same command resumes the run"
+        print(line, file=sys.stderr)
+        leave_process_group()  # under torchrun, every process stops alike
+        sys.exit(code)
+    return run
 
 
 def fail(message, ctx, bar=None):
-    """Stop the run: progress bar closed, `message` as rank 0's last line, exit status 1 on every
-    process, no traceback; the checkpoints stay as they are."""
+    """Stop the run: the bar closed, `message` as rank 0's last line, exit status 1."""
     if bar is not None:
         bar.close()
     ctx.print(message)
-    if ctx.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
     sys.exit(1)
 
 
-# ------------------------------------------------------------------------- loaders, model, schedule
-
-def make_loader(dataset, args, ctx, train):
-    """A DataLoader over this process's share of the videos; for training shuffled, its workers kept
-    across epochs. A test batch holds at most a training batch's clips (or one video's views), so
-    its workers' prefetched batches fit where training's do (16 x 15 views would be 578 MB each)."""
-    sampler = data.EpochSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed,
-                                drop_last=train)
-    batch = args.batch_size if train else max(1, args.batch_size * args.num_sample // dataset.views)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch, sampler=sampler, num_workers=args.num_workers, drop_last=train,
-        pin_memory=ctx.device.type == "cuda", persistent_workers=train and args.num_workers > 0,
-        prefetch_factor=4 if args.num_workers else None)
-    if train and len(loader) < args.accum_iter:  # not one whole step: the loop would run none
-        fail(f"{len(dataset)} training videos make no step of {args.batch_size} videos x "
-             f"{ctx.world} processes x {args.accum_iter} accum_iter = "
-             f"{args.videos_per_step}; lower --batch_size or --accum_iter, or add videos", ctx)
-    return loader, sampler
-
+# --------------------------------------------------------------------------- seeds, model, schedule
 
 def start_epoch(epoch, sampler, args, ctx):
     """Seed the epoch's shuffle, torch's RNG (data workers, drop path, mixup) and a device generator
@@ -394,7 +408,7 @@ class Run:
         self.args, self.ctx, self.net, self.optimizer = args, ctx, net, optimizer
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
         self.folder = RunFolder(args.output_dir, ctx.main, 60 * args.latest_every)
-        self.latest = self.folder.latest
+        self.latest, self.log = self.folder.latest, self.folder.log
         self.bad_videos = None  # a training run's record of damaged videos
         if train_set is not None:
             self.bad_videos = BadVideos(train_set, ctx.world, ctx.main)
@@ -448,5 +462,4 @@ class Run:
         self.ctx.print(" ".join(figures))
 
     def close(self):
-        if self.ctx.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()

@@ -18,7 +18,7 @@ import data
 import mask as masks
 import model as models
 import plots
-from engine import all_sum, autocast, lr_at, make_loader
+from engine import all_sum, autocast, lr_at
 from weights import atomic_write, load_pretraining, write_png
 
 
@@ -28,7 +28,7 @@ def per_video(fn, dataset, args, ctx):
     """fn(clips (B, 3, T, H, W)) -> (B, K) for every view of every video of a 'test'-mode dataset,
     across all processes, averaged over each video's views. Returns (num_videos, K), the videos
     seen, and the videos that could not be read (their items hold another video's views)."""
-    loader, _ = make_loader(dataset, args, ctx, train=False)
+    loader, _ = data.make_loader(dataset, args, ctx, train=False)
     rows, out = [], []
     unreadable = torch.zeros(len(dataset))
     with torch.no_grad():
@@ -300,7 +300,7 @@ def reconstruction_scores(net, samples, args, ctx, most=256):
     subset = samples[::max(1, len(samples) // most)]
     dataset = data.VideoDataset(subset, "test", args.num_frames, args.sampling_rate,
                                 args.input_size, test_num_segment=1, test_num_crop=1)
-    loader, _ = make_loader(dataset, args, ctx, train=False)
+    loader, _ = data.make_loader(dataset, args, ctx, train=False)
     net.eval()
     enc = net.encoder
     generator = torch.Generator(ctx.device).manual_seed(0)

@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import cv2
@@ -30,8 +29,8 @@ import data
 import engine
 import evaluate
 import model as models
-from weights import (RunFolder, atomic_write, canonical_weights, checkpoint_config, from_main,
-                     load_checkpoint, read_file)
+from weights import (CheckpointError, RunFolder, atomic_write, canonical_weights, checkpoint_config,
+                     from_main, listed, load_checkpoint, read_file)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/
 # ..._epoch_<E>/finetune.sh, ViT-B; values the scripts leave out are run_class_finetuning.py's
@@ -65,31 +64,33 @@ SIZE_KEYS = ("model", "input_size", "num_frames", "sampling_rate")  # a checkpoi
 def parse_args(argv=None):
     parser = engine.common_parser(__doc__, RECIPES, DEMO)
     arg = parser.add_argument
-    arg("--nb_classes", type=int, help="number of classes (default: from the data)")
+    arg("--nb_classes", type=engine.COUNT, help="number of classes (default: from the data)")
     arg("--finetune", help="initial weights: this project's, the reference's or HuggingFace's "
                            "checkpoint; 'none' trains from scratch (default: the demo "
                            "pre-training, for the demo set)")
-    arg("--layer_decay", type=float, help="layer-wise lr decay (K400 0.75, UCF101 0.7)")
-    arg("--drop_path", type=float, help="stochastic depth rate (K400 0.1, UCF101 0.2)")
-    arg("--head_drop_rate", "--fc_drop_rate", dest="head_drop_rate", type=float,
+    rate = engine.number(least=0, below=1)  # a share dropped or smoothed away: not all of it
+    arg("--layer_decay", type=engine.number(above=0, most=1),
+        help="layer-wise lr decay (K400 0.75, UCF101 0.7)")
+    arg("--drop_path", type=rate, help="stochastic depth rate (K400 0.1, UCF101 0.2)")
+    arg("--head_drop_rate", "--fc_drop_rate", dest="head_drop_rate", type=rate,
         help="dropout before the head (K400 0, UCF101 0.5)")
-    arg("--smoothing", type=float, default=0.1, help="label smoothing")
-    arg("--mixup", type=float, help="mixup alpha; 0 = off (paper 0.8, demo 0)")
-    arg("--cutmix", type=float, help="cutmix alpha; 0 = off (paper 1.0, demo 0)")
-    arg("--mixup_prob", type=float, default=1.0, help="probability of mixing a batch")
-    arg("--mixup_switch_prob", type=float, default=0.5,
+    arg("--smoothing", type=rate, default=0.1, help="label smoothing")
+    arg("--mixup", type=engine.number(least=0), help="mixup alpha; 0 = off (paper 0.8, demo 0)")
+    arg("--cutmix", type=engine.number(least=0), help="cutmix alpha; 0 = off (paper 1.0, demo 0)")
+    arg("--mixup_prob", type=engine.SHARE, default=1.0, help="probability of mixing a batch")
+    arg("--mixup_switch_prob", type=engine.SHARE, default=0.5,
         help="probability of cutmix instead of mixup")
     arg("--aa", help="RandAugment policy, or 'none' (paper rand-m7-n4-mstd0.5-inc1, demo none)")
-    arg("--reprob", type=float, help="random erasing probability (paper 0.25, demo 0)")
-    arg("--crop_scale", type=float, nargs=2,
+    arg("--reprob", type=engine.SHARE, help="random erasing probability (paper 0.25, demo 0)")
+    arg("--crop_scale", type=engine.number(above=0, most=1), nargs=2,
         help="area share of a training crop, min and max (paper 0.08 1, demo 0.4 1)")
     arg("--no_flip", action="store_true", default=None,
         help="no horizontal flip, for classes that name a direction (default: flip, but not for "
              "SSv2 or the demo)")
     arg("--sampling", choices=["i3d", "segment"],
         help="frame sampling: i3d (UCF/HMDB/K400), segment (SSv2)")
-    arg("--test_num_segment", type=int, help="clips per test video (K400 5, SSv2 2)")
-    arg("--test_num_crop", type=int, help="crops per test clip (3)")
+    arg("--test_num_segment", type=engine.COUNT, help="clips per test video (K400 5, SSv2 2)")
+    arg("--test_num_crop", type=engine.COUNT, help="crops per test clip (3)")
     arg("--eval", action="store_true", help="only test the weights of --finetune or --resume")
     arg("--knn", action="store_true", help="only score the frozen encoder of --finetune by k-NN "
         "(k 20, cosine similarity of mean-pooled features) from the training to the test videos")
@@ -107,10 +108,8 @@ def parse_args(argv=None):
     args.frozen = [f"--{k}" for k in ("knn", "linprobe", "features") if getattr(args, k)]
     if args.frozen and args.finetune in (None, "none"):
         parser.error(f"{args.frozen[0]} reads a trained encoder: give it with --finetune PATH")
-    for name in ("finetune", "resume"):
-        path = getattr(args, name)
-        if path not in (None, "none") and not os.path.isfile(path):
-            parser.error(f"--{name} {path} is not a file")
+    if args.crop_scale[0] > args.crop_scale[1]:
+        parser.error(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: min above max")
     try:
         parse_aa(args.aa)
     except ValueError as e:
@@ -118,6 +117,7 @@ def parse_args(argv=None):
     return args
 
 
+@engine.command  # a mistake found below: its one line, exit status 2; Ctrl-C: 130
 def main(argv=None):
     args = parse_args(argv)
     if args.predict:
@@ -141,13 +141,12 @@ def main(argv=None):
     test_set = test_dataset(test_samples, args, args.test_num_segment, args.test_num_crop, args.in_memory)
     val_set = test_dataset(test_samples, args, 1, 1)  # one centre clip per video, after each epoch
     val_set.frames = test_set.frames  # the same videos: decoded once when held in memory
-    loader, sampler = engine.make_loader(train_set, args, ctx, train=True)
+    loader, sampler = data.make_loader(train_set, args, ctx, train=True)
 
     # AdamW, layer-wise lr decay: blocks near the input, which pre-training taught most, move least.
     groups = models.param_groups(net, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=True)
-    # The output folder; the run resumes from its newest checkpoint.
-    run = engine.Run(args, ctx, net, optimizer, train_set)
+    run = engine.Run(args, ctx, net, optimizer, train_set)  # the output folder; resumes if it can
     model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel by torchrun
 
     for epoch in range(run.start_epoch, args.epochs):
@@ -176,12 +175,22 @@ def labelled_samples(args):
     train_samples, classes = data.load_samples(args.data_path, args.data_set, args.split, train=True)
     train_samples = data.training_subset(train_samples, args.per_class)
     test_samples, _ = data.load_samples(args.data_path, args.data_set, args.split, train=False)
-    args.nb_classes = args.nb_classes or len(classes)
+    guessed, args.nb_classes = args.nb_classes is None, args.nb_classes or len(classes)
     args.classes = classes  # saved in every checkpoint's config: --predict names its classes
-    labels = [label for _, label in train_samples + test_samples]
-    if min(labels) < 0 or max(labels) >= args.nb_classes:
-        engine.refuse(f"labels of {args.data_path} span {min(labels)}..{max(labels)}; "
-                      f"--nb_classes {args.nb_classes} does not fit")
+    labels = sorted({label for _, label in train_samples + test_samples})
+    empty = sorted(set(range(args.nb_classes)) - set(labels))  # classes without a video
+    if not test_samples:
+        raise data.DataError(f"{args.data_path}: no test videos (a list's are in val.txt)")
+    if labels[0] < 0:  # -1: a list line without a label, or a video outside the class folders
+        raise data.DataError(f"{args.data_path} has videos without a label; give each one, in "
+                             f"'video label' lines or class folders")
+    if labels[-1] >= args.nb_classes:
+        raise data.DataError(f"labels of {args.data_path} reach {labels[-1]}, past --nb_classes "
+                             f"{args.nb_classes}: raise it, or leave it out")
+    if guessed and empty:  # e.g. labels 0 and 100 only: 99 of 101 classes without a video
+        raise data.DataError(f"labels of {args.data_path} leave {len(empty)} of the classes 0.."
+                             f"{labels[-1]} without a video ({listed(empty)}); number them 0..N-1,"
+                             f" or give --nb_classes {args.nb_classes} to keep the empty ones")
     return train_samples, test_samples, classes
 
 
@@ -217,7 +226,7 @@ def build_classifier(args, weights, ctx, resuming=None):
     net.grad_checkpointing = args.grad_ckpt
     if weights:
         ctx.print(f"initial weights: {weights}")
-        load_checkpoint(net, weights, verbose=ctx.main)
+        load_checkpoint(net, weights, ctx.main, fresh_head=not (args.eval or args.predict))
     elif not resuming:
         ctx.print("no --finetune checkpoint: training from scratch")
     return net.to(ctx.device), saved
@@ -249,9 +258,8 @@ def predict(args, ctx):
     weights = args.finetune or args.resume
     head = canonical_weights(read_file(weights)).get("head.bias")
     if head is None:
-        sys.exit(f"{weights} has no classification head (a pre-training checkpoint): "
-                 f"fine-tune it first, python finetune.py --finetune {weights} "
-                 f"--data_path YOUR_DATA, then predict with that checkpoint")
+        raise CheckpointError(f"{weights} has no classification head (a pre-training checkpoint): "
+                              f"fine-tune it first with --finetune {weights}, then predict")
     args.nb_classes = len(head)
     net, saved = build_classifier(args, weights, ctx)
     net.eval()

@@ -434,11 +434,64 @@ def test_checkpoint_wrappings_and_prefixes(wrapping, tmp_path):
 def test_wrong_checkpoints_give_clear_errors(tmp_path):
     path = tmp_path / "small.pth"
     torch.save({"model": MD.VideoMAE(**{**TINY, "embed_dim": 96}).state_dict()}, path)
-    with pytest.raises(ValueError, match=r"small.pth: tensor 'encoder.patch_embed.proj.weight' has shape \(96"):
+    with pytest.raises(W.CheckpointError, match=r"small.pth holds a custom encoder \(96 wide, 2 blocks\), the model is "
+                                                r"custom \(48 wide, 2 blocks\); no --model has that size"):
+        W.load_checkpoint(tiny_mae(), path)
+    torch.save({"model": MD.VideoMAE(**{**TINY, "decoder_embed_dim": 12}).state_dict()}, path)
+    with pytest.raises(W.CheckpointError, match=r"small.pth: tensor 'mask_token' is \(1, 1, 12\), the model's \(1, 1"):
         W.load_checkpoint(tiny_mae(), path)
     torch.save({"model": {"resnet.conv1.weight": torch.zeros(3)}}, path)
-    with pytest.raises(ValueError, match="no tensor matches"):
+    with pytest.raises(W.CheckpointError, match="no tensor matches"):
         W.load_checkpoint(tiny_mae(), path)
+
+
+class Optimizer:
+    """Any class of the user's, pickled in a checkpoint: a safe load (weights_only) refuses to run its code."""
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "nothing.pth is not a file; give a checkpoint file"),
+    ("folder", "folder is not a file; give a checkpoint file"),
+    ("empty", "empty.pth is empty (0 bytes)"),
+    ("text", "text.pth is no checkpoint: not written by torch.save, or cut short"),
+    ("cut short", "cut.pth is no checkpoint: not written by torch.save, or cut short"),
+    ("an object", "object.pth is no checkpoint: it holds a test_videomae.Optimizer object, which a safe load refuses"),
+    ("no dict", "list.pth holds a list, not a checkpoint's dict"),
+])
+def test_files_that_are_no_checkpoint_are_named_in_one_line(kind, message, tmp_path):
+    (tmp_path / "folder").mkdir()
+    torch.save({"model": tiny_vit().state_dict()}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("epoch 3, loss 0.1\n")
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])  # a copy that did not finish
+    torch.save({"model": tiny_vit().state_dict(), "optimizer": Optimizer()}, tmp_path / "object.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(W.CheckpointError) as error:
+        W.load_checkpoint(tiny_vit(), tmp_path / message.split()[0])
+    assert message in str(error.value) and "\n" not in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_a_checkpoint_that_would_leave_the_encoder_partly_random_is_refused(tmp_path, capsys):
+    # the demo's mini (6 blocks) into tiny (12): blocks 6-11 would start at random
+    mini = MD.build_model("pretrain", "mini", img_size=32, num_frames=4)
+    torch.save({"model": mini.state_dict(), "config": {"model": "mini"}, "epoch": 0}, tmp_path / "mini.pth")
+    tiny = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=2)
+    with pytest.raises(W.CheckpointError) as error:
+        W.load_checkpoint(tiny, tmp_path / "mini.pth")
+    assert str(error.value) == (f"{tmp_path / 'mini.pth'} holds a mini encoder (192 wide, 6 blocks), the model is "
+                                f"tiny (192 wide, 12 blocks); give --model mini, or leave --model out to let the "
+                                f"checkpoint choose")
+    # a tensor of the encoder missing: refused, the first ones named; a fresh classifier is expected, in one line
+    sd = tiny_mae().state_dict()
+    del sd["encoder.blocks.1.mlp.fc2.weight"], sd["encoder.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(W.CheckpointError, match=r"lacks 2 tensors of the model, which would start at random "
+                                                r"\(blocks.1.mlp.fc2.weight, blocks.1.mlp.fc2.bias\)"):
+        W.load_checkpoint(tiny_vit(), {"model": sd})
+    W.load_checkpoint(tiny_vit(), {"model": tiny_mae().state_dict()})
+    line = capsys.readouterr().out.strip()
+    assert line == ("loaded 28/32 tensors from state dict; pre-training decoder ignored; starting fresh as "
+                    "expected: fc_norm.weight, fc_norm.bias, head.weight, head.bias")
 
 
 def exported(kind, tmp_path):
@@ -958,7 +1011,7 @@ def test_ucf101_layout(tmp_path):
         test, _ = data.load_samples(tmp_path / 'UCF-101', data_set, 1, False)
         assert [s[1] for s in test] == [2, 1, 0] and test[0][0].endswith('YoYo/v_YoYo_g01_c01.avi')
     (sd / 'testlist01.txt').write_bytes(b'YoYo/v_YoYo_g01_c01.avi\r\nYoYo/v_YoYo_g09_c01.avi\r\n')
-    with pytest.raises(FileNotFoundError, match=r'testlist01.txt:2: .*g09'):
+    with pytest.raises(data.DataError, match=r'testlist01.txt:2: .*g09'):
         data.load_samples(tmp_path / 'UCF-101', 'UCF101', 1, False)
 
 
@@ -980,7 +1033,7 @@ def test_hmdb51_layout(tmp_path):
     assert len(test) == 4 and all(s[0].endswith('_g00_c01.avi') for s in test)
     assert len(data.load_samples(root, 'HMDB51', 3, True)[0]) == 8
     (root / 'sit' / 'v_sit_g02_c01.avi').unlink()
-    with pytest.raises(FileNotFoundError, match=r'sit_test_split2.txt:3'):
+    with pytest.raises(data.DataError, match=r'sit_test_split2.txt:3'):
         data.load_samples(root, 'HMDB51', 2, True)
 
 
@@ -996,7 +1049,7 @@ def test_list_and_folder(tmp_path):
     lst.write_text('tree/a_run/v_a_run_g00_c01.avi\n')  # pre-training list without labels
     assert data.load_samples(lst, 'list')[0][0][1] == -1
     lst.write_text('tree/a_run/v_a_run_g00_c01.avi 0\ntree/a_run/missing.avi 0\n')
-    with pytest.raises(FileNotFoundError, match=r'my list.txt:2: .*missing.avi'):
+    with pytest.raises(data.DataError, match=r'my list.txt:2: .*missing.avi'):
         data.load_samples(lst)
     write_video(tmp_path / 'tree' / 'loose.avi', 4, (32, 24))  # a plain folder of videos: unlabelled
     samples, names = data.load_samples(tmp_path / 'tree', 'folder')
@@ -1210,18 +1263,41 @@ def read_log(out):
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--num_frames", "15"], "--num_frames 15 is not a multiple of the tubelet size 2"),
-    (["--input_size", "100"], "--input_size 100 is not a multiple of the patch size 16"),
-    (["--mask_ratio", "1.2"], "--mask_ratio 1.2 must lie strictly between 0 and 1"),
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--data_path", "/no/such/folder"], "--data_path /no/such/folder does not exist"),
+@pytest.mark.parametrize("script, argv, message", [
+    (pretrain, ["--num_frames", "15"], "--num_frames 15 is not a multiple of the tubelet size 2"),
+    (pretrain, ["--input_size", "100"], "--input_size 100 is not a multiple of the patch size 16"),
+    (pretrain, ["--mask_ratio", "1.2"], "argument --mask_ratio: 1.2 is out of range: it must be above 0 and below 1"),
+    (pretrain, ["--batch_size", "0"], "argument --batch_size: 0 is out of range: it must be at least 1"),
+    (pretrain, ["--num_frames", "0"], "argument --num_frames: 0 is out of range: it must be at least 1"),
+    (pretrain, ["--blr", "-0.001"], "argument --blr/--lr: -0.001 is out of range: it must be above 0"),
+    (pretrain, ["--opt_betas", "0.9", "1.5"], "argument --opt_betas: 1.5 is out of range: it must be at least 0 and "
+                                              "below 1"),
+    (pretrain, ["--seed", "-1"], "argument --seed: -1 is out of range: it must be at least 0"),
+    (pretrain, ["--num_workers", "two"], "argument --num_workers: invalid int value: 'two'"),
+    (pretrain, ["--device", "gpu"], "argument --device: 'gpu' is no device: give cpu, cuda or cuda:N"),
+    (finetune, ["--drop_path", "1"], "argument --drop_path: 1 is out of range: it must be at least 0 and below 1"),
+    (finetune, ["--crop_scale", "0.5", "0.1"], "--crop_scale 0.5 0.1: min above max"),
+    (finetune, ["--test_num_segment", "0"], "argument --test_num_segment: 0 is out of range: it must be at least 1"),
+    (finetune, ["--nb_classes", "0"], "argument --nb_classes: 0 is out of range: it must be at least 1"),
+    (pretrain, ["--output_dir", "{two_classes}/train.txt"], "--output_dir {two_classes}/train.txt: {two_classes}/"
+                                                            "train.txt is a file; choose another folder"),
+    (finetune, ["--output_dir", "{two_classes}/val.txt/run"], "--output_dir {two_classes}/val.txt/run: "
+                                                              "{two_classes}/val.txt is a file; choose another folder"),
 ])
-def test_pretrain_rejects_bad_arguments(argv, message, capsys, two_classes):
-    argv = (["--data_path", str(two_classes)] if "--data_path" not in argv else []) + argv
+def test_bad_flags_are_refused_where_they_are_parsed(script, argv, message, capsys, two_classes):
+    argv = [a.format(two_classes=two_classes) for a in argv]
     with pytest.raises(SystemExit) as stop:
-        pretrain.main(argv)
-    assert stop.value.code == 2 and message in capsys.readouterr().err
+        script.main(["--data_path", str(two_classes)] + argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.splitlines()[-1].endswith(message.format(two_classes=two_classes)), err
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path, two_classes, capsys, monkeypatch):
+    monkeypatch.setattr(W.os, "access", lambda path, mode: path != tmp_path)  # (chmod binds no root user)
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--data_path", str(two_classes), "--output_dir", str(tmp_path / "runs" / "a")])
+    assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        f"--output_dir {tmp_path}/runs/a: {tmp_path} is not writable; choose another folder")
 
 
 def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, two_classes):
@@ -1368,7 +1444,7 @@ def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_clas
         np.testing.assert_allclose([p for _, p in ours["top5"]], [p for _, p in theirs["top5"]], rtol=1e-5)
     with pytest.raises(SystemExit) as stop:  # a pre-training checkpoint has no head
         finetune.main(["--predict", videos[0], *views, "--finetune", str(pre / "checkpoint-latest.pth")])
-    assert "fine-tune it first" in str(stop.value.code)
+    assert stop.value.code == 2 and "fine-tune it first" in capsys.readouterr().err
 
 
 def test_knn_probe_separates_a_separable_set(tmp_path, two_classes, capsys):
@@ -1503,15 +1579,157 @@ def test_a_mask_ratio_that_hides_nothing_is_refused(tmp_path, two_classes, capsy
     assert stop.value.code == 2 and "--mask_ratio 0.2 hides no token of the 2x2x2 grid" in capsys.readouterr().err
 
 
-def test_fewer_videos_than_one_step_are_refused_at_start(tmp_path, two_classes, capsys):
-    out = tmp_path / "few"
+def bad_input(case, root, videos):
+    """The flags of a run given one kind of bad input, written under `root` (good videos from `videos`)."""
+    def video_list(name, *lines):
+        (root / name).write_text("".join(f"{line}\n" for line in lines))
+        return ["--data_path", str(root / name)]
+
+    def checkpoint(name, kind, preset, **extra):
+        sizes = dict(num_classes=2) if kind == "finetune" else {}
+        net = MD.build_model(kind, preset, img_size=32, num_frames=4, **sizes)
+        torch.save({"model": net.state_dict(), **extra}, root / name)
+        return str(root / name)
+
+    good = [f"{videos}/{name}/{k}.avi" for name in ("dark", "bright") for k in range(2)]
+    run = dict(optimizer={}, scaler={}, epoch=0)  # what a run's own checkpoint holds beside the weights
+    if case in ("empty folder", "class folders without videos", "a broken link in a class folder"):
+        for name in ("dark", "bright") if case != "empty folder" else ():
+            (root / "data" / name).mkdir(parents=True)
+            for k in range(2) if case != "class folders without videos" else ():
+                (root / "data" / name / f"{k}.avi").symlink_to(f"{videos}/{name}/{k}.avi")
+        if case == "a broken link in a class folder":
+            (root / "data" / "dark" / "9.avi").symlink_to(root / "moved away.avi")
+        (root / "data").mkdir(exist_ok=True)
+        return ["--data_path", str(root / "data")]
+    return {"no such data path": lambda: ["--data_path", str(root / "UCF-101")],
+            "a missing video in a list": lambda: video_list("list.txt", *good[:3], f"{videos}/dark/9.avi 0"),
+            "a label that is no number": lambda: video_list("list.txt", f"{good[0]} 0", f"{good[1]} dark"),
+            "a video given as the list": lambda: ["--data_path", good[0]],
+            "no split folder": lambda: ["--data_path", str(videos), "--data_set", "UCF101"],
+            "fewer videos than a step": lambda: ["--data_path", str(videos), "--batch_size", "8", "--accum_iter", "2"],
+            "sparse labels": lambda: video_list("list.txt", *(f"{v} {100 * (k // 2)}" for k, v in enumerate(good))),
+            "no labels": lambda: video_list("list.txt", *good),
+            "labels past --nb_classes": lambda: ["--data_path", str(videos), "--nb_classes", "1"],
+            "no val.txt": lambda: video_list("train.txt", *(f"{v} {k // 2}" for k, v in enumerate(good)))[:1] + [
+                str(root)],
+            "--resume of no file": lambda: ["--data_path", str(videos), "--resume", str(root / "checkpoint-0007.pth")],
+            "--resume of another size": lambda: ["--data_path", str(videos), "--resume",
+                                                 checkpoint("mini.pth", "pretrain", "mini", **run)],
+            "--resume of a classifier": lambda: ["--data_path", str(videos), "--resume",
+                                                 checkpoint("ft.pth", "finetune", "tiny", **run)],
+            "--resume of bare weights": lambda: ["--data_path", str(videos), "--resume",
+                                                 checkpoint("weights.pth", "pretrain", "tiny")],
+            "--eval of a pre-training checkpoint": lambda: ["--data_path", str(videos), "--eval", "--finetune",
+                                                            checkpoint("pre.pth", "pretrain", "tiny")],
+            "--finetune of another depth": lambda: ["--data_path", str(videos), "--finetune", checkpoint(
+                "mini.pth", "pretrain", "mini", config={"model": "mini"})],
+            }[case]()
+
+
+@pytest.mark.parametrize("script, case, message", [
+    (pretrain, "no such data path", "--data_path {root}/UCF-101 does not exist"),
+    (pretrain, "empty folder", "--data_path {root}/data holds no training videos: .avi/.mp4/"),
+    (finetune, "class folders without videos", "--data_path {root}/data holds no training videos"),
+    (pretrain, "a broken link in a class folder", "a broken link: {root}/data/dark/9.avi does not exist (1 missing); "
+                                                  "fix the list, the link or --data_path, or remove it"),
+    (finetune, "a missing video in a list", "{root}/list.txt:4: {videos}/dark/9.avi does not exist (1 missing)"),
+    (pretrain, "a label that is no number", "{root}/list.txt:2: label 'dark' is not a whole number; write 'video "
+                                            "label', labels from 0 to the number of classes - 1"),
+    (pretrain, "a video given as the list", "{videos}/dark/0.avi cannot be read as a list of 'video label' lines "
+                                            "(not text)"),
+    (pretrain, "no split folder", "{videos}: no ucfTrainTestlist/ inside or beside it for the split files"),
+    (pretrain, "fewer videos than a step", "8 training videos make no step of 8 videos x 1 processes x 2 accum_iter "
+                                           "= 16; lower --batch_size or --accum_iter, or add videos"),
+    (finetune, "sparse labels", "labels of {root}/list.txt leave 99 of the classes 0..100 without a video (1, 2, 3 "
+                                "and 96 more); number them 0..N-1, or give --nb_classes 101 to keep the empty ones"),
+    (finetune, "no labels", "{root}/list.txt has videos without a label; give each one, in 'video label' lines or "
+                            "class folders"),
+    (finetune, "labels past --nb_classes", "labels of {videos} reach 1, past --nb_classes 1: raise it, or leave it "
+                                           "out"),
+    (finetune, "no val.txt", "{root}: no test videos (a list's are in val.txt)"),
+    (pretrain, "--resume of no file", "{root}/checkpoint-0007.pth is not a file; give a checkpoint file"),
+    (pretrain, "--resume of another size", "{root}/mini.pth holds a mini encoder (192 wide, 6 blocks), the model is "
+                                           "tiny (192 wide, 12 blocks); give --model mini; resume it with the flags "
+                                           "of its run, or start a new run in another --output_dir"),
+    (pretrain, "--resume of a classifier", "{root}/ft.pth: pre-training and fine-tuning do not resume each other; "
+                                           "to fine-tune pre-trained weights, give them --finetune"),
+    (pretrain, "--resume of bare weights", "{root}/weights.pth holds no run's state (optimizer, epoch) to resume; "
+                                           "fine-tune from its weights: finetune.py --finetune {root}/weights.pth"),
+    (finetune, "--eval of a pre-training checkpoint", "{root}/pre.pth lacks 4 tensors of the model, which would "
+                                                      "start at random (fc_norm.weight, fc_norm.bias, head.weight and "
+                                                      "1 more); give a whole checkpoint"),
+    (finetune, "--finetune of another depth", "{root}/mini.pth holds a mini encoder (192 wide, 6 blocks), the model "
+                                              "is tiny (192 wide, 12 blocks); give --model mini, or leave --model out "
+                                              "to let the checkpoint choose"),
+])
+def test_bad_input_is_one_line_before_training(script, case, message, tmp_path, two_classes, capsys):
+    out = tmp_path / "run"
+    argv = [*SMALL_RUN, "--epochs", "1", "--output_dir", str(out), *bad_input(case, tmp_path, two_classes)]
     with pytest.raises(SystemExit) as stop:
-        pretrain.main(["--data_path", str(two_classes), *SMALL_RUN, "--batch_size", "8", "--accum_iter", "2",
-                       "--epochs", "1", "--output_dir", str(out)])
-    assert stop.value.code == 1 and not (out / "checkpoint-latest.pth").exists()
-    assert capsys.readouterr().out.splitlines()[-1] == (
-        "8 training videos make no step of 8 videos x 1 processes x 2 accum_iter = 16; lower --batch_size or "
-        "--accum_iter, or add videos")
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err and not (out / "checkpoint-latest.pth").exists()
+    assert err.splitlines()[-1].startswith("error: " + message.format(root=tmp_path, videos=two_classes)), err
+
+
+def test_check_names_a_broken_link_and_refuses_an_empty_folder(tmp_path, two_classes, capsys, monkeypatch):
+    data_path = bad_input("a broken link in a class folder", tmp_path, two_classes)[1]
+    monkeypatch.setattr("sys.argv", ["data.py", "--check", data_path, "--min_frames", "16"])
+    with pytest.raises(SystemExit) as stop:
+        data.main()
+    out = capsys.readouterr().out.splitlines()
+    assert stop.value.code == 1 and out[0].startswith(f"UNREADABLE {data_path}/dark/9.avi: not a readable video")
+    assert out[1:] == ["5 files: 1 unreadable, 0 other findings", "all: 5 videos; bright 2, dark 3"]
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr("sys.argv", ["data.py", "--check", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit) as stop:
+        data.main()
+    assert stop.value.code == 2 and "empty holds no training videos" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_at_once_keeps_the_newest_checkpoint_and_the_same_command_resumes(tmp_path, two_classes, capsys,
+                                                                                      monkeypatch, request):
+    import os
+    import signal
+    import time
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even where SIGINT is ignored
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    out = tmp_path / "run"
+    argv = ["--data_path", str(two_classes / "train.txt"), *SMALL_RUN, "--epochs", "2", "--output_dir", str(out)]
+    forward, save, steps, runs = MD.VideoMAE.forward, torch.save, [], []
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends it
+        time.sleep(5)  # (interrupted at once)
+
+    def step(self, *a, **k):  # the first run: Ctrl-C in the second step of epoch 1 (4 steps an epoch)
+        steps.append(self.training)
+        if steps.count(True) == 6 and len(runs) == 1:
+            ctrl_c()
+        return forward(self, *a, **k)
+
+    def checkpoint(obj, path):  # the second run: Ctrl-C in the middle of writing epoch 1's newest checkpoint
+        if "checkpoint-latest.pth" in str(path) and obj["epoch"] == 1 and len(runs) == 2:
+            open(path, "wb").write(b"PK\x03\x04 half a checkpoint")
+            ctrl_c()
+        return save(obj, path)
+
+    monkeypatch.setattr(MD.VideoMAE, "forward", step)
+    monkeypatch.setattr(torch, "save", checkpoint)
+    for attempt in range(2):
+        runs.append(attempt)
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 130 and err.splitlines()[-1] == "stopped (Ctrl-C): the same command resumes the run"
+        assert "Traceback" not in err and [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+        assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 0  # whole, the newest
+    assert (out / "checkpoint-0001.pth").exists()  # written before the newest one
+    runs.append(2)
+    pretrain.main(argv)
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1]
 
 
 @pytest.mark.parametrize("save_ckpt_freq, latest_every, checkpoints, num_writes", [  # 3 log lines, 3 curves
@@ -1563,6 +1781,8 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(save_ckpt_freq, lates
                 except Killed:
                     writes, killed = None, True
             assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1, 2], (kill_at, half_line)
+            numbered = sorted(p.name for p in out.glob("checkpoint-0*.pth"))  # none lost by a kill
+            assert numbered == checkpoints, (kill_at, half_line)
         if not killed:  # past the last write: a whole run, never killed
             assert sorted(p.name for p in out.glob("checkpoint-0*.pth")) == checkpoints
             assert kill_at == num_writes  # a kill was tried before each of them
@@ -1662,17 +1882,17 @@ def test_workers_persist_and_replay_an_epoch_and_test_batches_fit_in_a_training_
         engine.start_epoch(epoch, sampler, args, ctx)
         return torch.cat([video for video, *_ in loader])
 
-    loader, sampler = engine.make_loader(dataset, args, ctx, train=True)
+    loader, sampler = data.make_loader(dataset, args, ctx, train=True)
     assert loader.persistent_workers  # started once: a new epoch does not start 2 processes again
     epochs = [epoch_of(loader, sampler, epoch) for epoch in (0, 1)]
-    again, sampler = engine.make_loader(dataset, args, ctx, train=True)  # a resumed run: new workers at epoch 1
+    again, sampler = data.make_loader(dataset, args, ctx, train=True)  # a resumed run: new workers at epoch 1
     assert torch.equal(epoch_of(again, sampler, 1), epochs[1]) and not torch.equal(epochs[0], epochs[1])
     # A test batch holds at most a training batch's clips, or one video's views: its workers' prefetch then
     # takes no more shared memory than training's (not 16 videos x 15 views, 578 MB a batch at 16 x 224 x 224)
     views = data.VideoDataset(samples, "test", 4, 2, 32, test_num_segment=5, test_num_crop=3)
     for batch_size, num_sample, videos in [(16, 2, 2), (16, 1, 1), (1, 1, 1), (8, 4, 2)]:
         args = SimpleNamespace(batch_size=batch_size, num_sample=num_sample, num_workers=2, seed=0, accum_iter=1)
-        loader, _ = engine.make_loader(views, args, ctx, train=False)
+        loader, _ = data.make_loader(views, args, ctx, train=False)
         assert loader.batch_size == videos and not loader.persistent_workers
         assert loader.batch_size * views.views <= max(batch_size * num_sample, views.views)
 
@@ -1804,8 +2024,11 @@ pretrain.main(sys.argv[1:] + ["--output_dir", {str(pre)!r} if rank == "0" else {
     for k, state in adamw[0].items():  # the same state on both: the steps of epoch 0 included (2 an epoch)
         assert state["step"] == adamw[1][k]["step"] == 4
         assert torch.equal(state["exp_avg_sq"], adamw[1][k]["exp_avg_sq"])
-    ckpt = str(pre / "checkpoint-latest.pth")
-    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", ckpt, "--eval"]
+    classifier = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=2)
+    W.load_checkpoint(classifier, pre / "checkpoint-latest.pth", verbose=False)  # a head saved with it: --eval
+    # refuses to test one that would start at random
+    torch.save({"model": classifier.state_dict()}, tmp_path / "classifier.pth")
+    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", str(tmp_path / "classifier.pth"), "--eval"]
     torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
     finetune.main(["--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "s")])
     ddp, single = read_log(tmp_path / "d")[-1]["test"], read_log(tmp_path / "s")[-1]["test"]

@@ -2,7 +2,8 @@
 the export to HuggingFace's layout.
 
 load_checkpoint     weights of this project, of the reference code (pre-training or fine-tuned) or
-                    of HuggingFace, into a VideoMAE or a VideoViT, with a shape check per tensor.
+                    of HuggingFace, into a VideoMAE or a VideoViT, checking sizes and shapes.
+CheckpointError     a file that cannot be used as given: its one line names the file and the fix.
 RunFolder           a training run's log and checkpoints, and resuming from the newest one.
 export_huggingface  load_checkpoint's inverse: config.json and model.safetensors for transformers.
 atomic_write        every file written here goes through it: a killed run never leaves half a file.
@@ -27,11 +28,19 @@ import plots
 from model import PATCH_SIZE, PRESETS, TUBELET_SIZE, VideoViT, build_model
 
 
+class CheckpointError(ValueError):
+    """A checkpoint unfit for use as given: its one-line message names the file and the fix."""
+
+
 def atomic_write(path, write, suffix=""):
     """write(tmp_path), then rename: a reader (or a killed run) never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # interrupted (Ctrl-C, an error): no half file left behind
+            os.remove(tmp)
 
 
 def write_png(path, img):
@@ -122,36 +131,73 @@ def canonical_weights(ckpt):
 
 
 def read_file(path):
-    """A checkpoint file as saved, tensors memory-mapped; never runs code (weights_only). The
-    reference code stores its flags as an argparse.Namespace, which is allowed; .safetensors files
-    need that package."""
+    """A checkpoint file as saved (a dict), tensors memory-mapped; never runs code (weights_only).
+    The reference code stores its flags as an argparse.Namespace, which is allowed; .safetensors
+    files need that package. CheckpointError for a file that is missing, empty or no checkpoint."""
     if str(path).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise RuntimeError(
                 f"{path}: reading .safetensors needs `pip install safetensors`") from None
-        return load_file(str(path))
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        what = "is empty (0 bytes)" if os.path.isfile(path) else "is not a file"
+        raise CheckpointError(f"{path} {what}; give a checkpoint file (.pth or .safetensors)")
     if hasattr(torch.serialization, "safe_globals"):
         allowed = torch.serialization.safe_globals([argparse.Namespace])
     else:  # torch 2.4: no context manager yet, only the process-wide list
         torch.serialization.add_safe_globals([argparse.Namespace])
         allowed = contextlib.nullcontext()
-    with allowed:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if str(path).endswith(".safetensors"):
+            return load_file(str(path))
+        with allowed:
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # torch's legacy (pre-1.6) format cannot be memory-mapped
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's reasons are many (pickle, zip, end of file) and long
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        why = "not written by torch.save, or cut short"
+        if unsafe:
+            why = f"it holds a {unsafe[1]} object, which a safe load refuses"
+        raise CheckpointError(f"{path} is no checkpoint: {why}; give a whole one") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint's dict")
+    return ckpt
 
 
-def load_checkpoint(model, path_or_state_dict, verbose=True):
+def encoder_size(sd):
+    """(preset or 'custom', 'W wide, D blocks') of the encoder in a state dict of any naming."""
+    width = next((v.shape[0] for k, v in sd.items() if k.endswith("patch_embed.proj.weight")), None)
+    blocks = (re.match(r"blocks\.(\d+)\.", k.removeprefix("encoder.")) for k in sd)
+    depth = len({m[1] for m in blocks if m})
+    preset = [name for name, p in PRESETS.items() if (p["embed_dim"], p["depth"]) == (width, depth)]
+    return (preset or ["custom"])[0], f"{width} wide, {depth} blocks"
+
+
+def size_mismatch(source, theirs, ours, path=None):
+    """None if two state dicts hold encoders of one size, else the error's words: what differs and
+    the --model that fits (or none, if the file at `path` names its own: the checkpoint's)."""
+    (their_preset, their_size), (our_preset, our_size) = encoder_size(theirs), encoder_size(ours)
+    if their_size == our_size:
+        return None
+    fix = f"give --model {their_preset}" if their_preset in PRESETS else "no --model has that size"
+    if path and checkpoint_config(path).get("model"):
+        fix += ", or leave --model out to let the checkpoint choose"
+    return (f"{source} holds a {their_preset} encoder ({their_size}), the model is {our_preset} "
+            f"({our_size}); {fix}")
+
+
+def load_checkpoint(model, path_or_state_dict, verbose=True, fresh_head=True):
     """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
 
     Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder.
     names) and fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights
     (pytorch_model.bin, model.safetensors). A pre-training checkpoint fills a VideoViT's encoder
     (its decoder is ignored, fc_norm and head start fresh); a head of another class count is
-    dropped. Any other shape mismatch is an error naming the tensor."""
+    dropped. An encoder of another size, a tensor of another shape or one the model would keep at
+    random (anything but a fresh fc_norm and head, if fresh_head) is a CheckpointError naming it."""
     from_file = not isinstance(path_or_state_dict, dict)
     ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
@@ -170,31 +216,52 @@ def load_checkpoint(model, path_or_state_dict, verbose=True):
         notes.append(f"head for {sd['head.weight'].shape[0]} classes dropped "
                      f"(model has {own['head.weight'].shape[0]})")
         del sd["head.weight"], sd["head.bias"]
+    if not set(own) & set(sd):
+        raise CheckpointError(f"{source}: no tensor matches this model; give a VideoMAE checkpoint")
+    mismatch = size_mismatch(source, sd, own, path_or_state_dict if from_file else None)
+    if mismatch:
+        raise CheckpointError(mismatch)
     for key, value in sd.items():
         if key in own and value.shape != own[key].shape:
-            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(value.shape)} but the "
-                             f"model expects {tuple(own[key].shape)}; was it saved from another "
-                             f"model size (--model)?")
+            raise CheckpointError(f"{source}: tensor '{key}' is {tuple(value.shape)}, the model's "
+                                  f"{tuple(own[key].shape)}; give the sizes it was saved with")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if not set(own) & set(sd):
-        raise ValueError(f"{source}: no tensor matches this model; is it a VideoMAE checkpoint?")
+    expected = ("fc_norm.", "head.") if fresh_head and isinstance(model, VideoViT) else ()
+    fresh = [k for k in missing if k.startswith(expected)]
+    at_random = [k for k in missing if k not in fresh]
+    if at_random:
+        raise CheckpointError(f"{source} lacks {len(at_random)} tensors of the model, which would "
+                              f"start at random ({listed(at_random)}); give a whole checkpoint")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if verbose:
-        fresh = [k for k in missing if k.startswith(("fc_norm.", "head."))]
         line = f"loaded {len(own) - len(missing)}/{len(own)} tensors from {source}"
         line += "".join(f"; {n}" for n in notes)
         if fresh:
             line += f"; starting fresh as expected: {', '.join(fresh)}"
-        if len(missing) > len(fresh):
-            line += f"; MISSING: {', '.join(k for k in missing if k not in fresh)}"
         if unexpected:
-            line += f"; ignored: {', '.join(unexpected)}"
+            line += f"; ignored: {listed(unexpected)}"
         print(line)
     return missing, unexpected
 
 
+def listed(names, most=3):
+    """The first `most` names, and how many more: a line stays short."""
+    more = f" and {len(names) - most} more" if names[most:] else ""
+    return ", ".join(map(str, names[:most])) + more
+
+
 # -------------------------------------------------------------------------- a training run's folder
+
+def unwritable(folder):
+    """Why a run could not write in `folder` (a file in its way, no permission), or None."""
+    there = Path(folder).absolute()
+    while not there.exists():  # the folder, else the nearest one above it that exists
+        there = there.parent
+    if there.is_dir() and os.access(there, os.W_OK | os.X_OK):
+        return None
+    return f"{there} is {'not writable' if there.is_dir() else 'a file'}; choose another folder"
+
 
 CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
           "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, if logged
@@ -222,22 +289,39 @@ class RunFolder:
         if self.main:
             path = resume or (self.latest if os.path.exists(self.latest) else None)
             if path and not os.path.exists(path):
-                error = f"error: --resume {path}: no such file"
+                error = f"{path} is not a file; give a checkpoint file (.pth or .safetensors)"
         path, error = from_main((path, error))
+        if error and self.main:  # one line, from rank 0; the others stop without a word
+            raise CheckpointError(error)
         if error:
-            raise SystemExit(error if self.main else 1)  # one line, from rank 0
+            raise SystemExit(2)
         return path
 
     def restore(self, path, net, optimizer, scaler, say=print):
         """Load a checkpoint into model, optimizer and scaler; returns the epoch to start at. A
         process that cannot see `path` (another node's disk) gets rank 0's copy. An fp16 run
-        resumed from a bf16 or fp32 one starts its loss scale afresh."""
+        resumed from a bf16 or fp32 one starts its loss scale afresh. A file of another kind or
+        size of model, or without a run's state, is a CheckpointError."""
         ckpt = read_file(path) if os.path.exists(path) else None
         if _world() > 1:
             seen = [None] * _world()
             dist.all_gather_object(seen, ckpt is not None)
             if not all(seen):
                 ckpt = from_main(ckpt)
+        if ckpt is None:
+            read_file(path)  # the one line that says why
+        if not {"model", "optimizer", "scaler", "epoch"} <= ckpt.keys():
+            raise CheckpointError(f"{path} holds no run's state (optimizer, epoch) to resume; "
+                                  f"fine-tune from its weights: finetune.py --finetune {path}")
+        theirs, ours = ckpt["model"], net.state_dict()
+        if ("mask_token" in theirs) != ("mask_token" in ours):  # a VideoMAE's, a VideoViT's
+            raise CheckpointError(f"{path}: pre-training and fine-tuning do not resume each "
+                                  f"other; to fine-tune pre-trained weights, give them --finetune")
+        differ = [k for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
+        if differ:  # a run's own checkpoint (the newest in --output_dir) or --resume
+            why = size_mismatch(path, theirs, ours) or f"{path}: tensor '{differ[0]}' differs"
+            raise CheckpointError(f"{why}; resume it with the flags of its run, or start a new run "
+                                  f"in another --output_dir")
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and not ckpt["scaler"]:  # saved with the scaler off
@@ -270,16 +354,17 @@ class RunFolder:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, ckpt, numbered=False):
-        """The newest checkpoint when due, and with `numbered` (every numbered epoch and the last)
-        checkpoint-NNNN.pth of its epoch as well."""
+        """checkpoint-NNNN.pth of its epoch with `numbered` (every numbered epoch and the last), written
+        first; then the newest, when due (--latest_every) or numbered: killed in between, the run
+        resumes at this epoch again and writes both anew."""
         if not self.main:
             return
-        if numbered or self.clock() - self.latest_written >= self.latest_every:
-            atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
-            self.latest_written = self.clock()
         if numbered:
             path = os.path.join(self.dir, f"checkpoint-{ckpt['epoch']:04d}.pth")
             atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        if numbered or self.clock() - self.latest_written >= self.latest_every:
+            atomic_write(self.latest, lambda tmp: torch.save(ckpt, tmp))
+            self.latest_written = self.clock()
 
     def draw_curves(self):
         """curves.png: one panel for each figure of CURVES that the log holds, against the epoch."""
@@ -410,9 +495,9 @@ def export_huggingface(path, out_dir):
     inverse of load_checkpoint. Returns the paths written."""
     config = checkpoint_config(path)
     sd = canonical_weights(read_file(path))
-    width = sd["encoder.patch_embed.proj.weight"].shape[0]
-    by_width = (name for name, p in PRESETS.items() if p["embed_dim"] == width)
-    preset = config.get("model") or next(by_width, "base")
+    preset = config.get("model") or encoder_size(sd)[0]
+    if preset not in PRESETS:
+        raise CheckpointError(f"{path}: no encoder of a --model preset ({encoder_size(sd)[1]})")
     classifier = "head.weight" in sd
     img_size = config.get("input_size", 224)
     num_frames = config.get("num_frames", 16)
@@ -423,10 +508,8 @@ def export_huggingface(path, out_dir):
     else:
         net = build_model("pretrain", preset, img_size=img_size, num_frames=num_frames,
                           norm_pix_loss=norm_pix_loss)
-    missing, _ = load_checkpoint(net, sd, verbose=False)  # checks every shape against the preset
-    if missing:
-        raise ValueError(f"{path}: lacks {', '.join(missing)}; "
-                         f"only a complete model can be exported")
+    if load_checkpoint(net, sd, verbose=False)[0]:  # checks every shape against the preset
+        raise CheckpointError(f"{path} has no fc_norm; only a whole model can be exported")
     sizes = PRESETS[preset]
     architecture = "VideoMAEForVideoClassification" if classifier else "VideoMAEForPreTraining"
     hf = dict(architectures=[architecture], model_type="videomae", image_size=img_size,
@@ -468,6 +551,9 @@ if __name__ == "__main__":
                         help="write OUT_DIR/config.json and the weights, "
                              "for from_pretrained(OUT_DIR)")
     source, out = parser.parse_args().export
-    if not os.path.isfile(source):
-        parser.error(f"--export {source} is not a file")
-    export_huggingface(source, out)
+    if unwritable(out):
+        parser.error(f"--export {source} {out}: {unwritable(out)}")
+    try:
+        export_huggingface(source, out)
+    except CheckpointError as error:
+        parser.error(str(error))
