@@ -810,6 +810,150 @@ def test_rand_augment_is_the_references():
     assert (rotated[0, 0, 0] == 128).all() and (rotated[0, 16, 16] == 7).all()
 
 
+def ramp_clip():
+    """Two 32x32 frames of linear ramps, 3x + 2y + 40 + 10c in channel c, the second frame 9 levels
+    brighter: bicubic interpolation reproduces a linear ramp, so a warp's output is the ramp at the
+    source point."""
+    y, x = np.mgrid[0:32, 0:32]
+    frame = 3 * x + 2 * y + 40
+    return np.stack([np.stack([frame + 10 * c + 9 * t for c in range(3)], -1) for t in range(2)]).astype(np.uint8)
+
+
+def pil_source(op, mag, sign, W=32, H=32):
+    """Where PIL's transform (timm's ops) reads each output pixel: the affine data (a, b, c, d, e, f)
+    of Image.transform, or of Image.rotate (counter-clockwise about the centre), applied at pixel
+    centres (x + 0.5, y + 0.5) and read back in pixel indices."""
+    s, t = sign * 0.3 * mag, sign * 0.45 * mag
+    if op == "rotate":
+        angle = -math.radians(sign * 30 * mag)
+        a, b, d, e = math.cos(angle), math.sin(angle), -math.sin(angle), math.cos(angle)
+        cx, cy = W / 2, H / 2
+        c, f = cx - a * cx - b * cy, cy - d * cx - e * cy
+    else:
+        a, b, c, d, e, f = {"shear_x": (1, s, 0, 0, 1, 0), "shear_y": (1, 0, 0, s, 1, 0),
+                            "translate_x": (1, 0, t * W, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, t * H)}[op]
+    y, x = np.mgrid[0:H, 0:W] + 0.5
+    return a * x + b * y + c - 0.5, d * x + e * y + f - 0.5
+
+
+@pytest.mark.parametrize("op", ["rotate", "shear_x", "shear_y", "translate_x", "translate_y"])
+def test_geometric_ops_move_pixels_where_pils_do(op):
+    # The expected value of each output pixel is the ramp at PIL's source point (pixels whose source lies
+    # 2 pixels inside the frame: bicubic reads 4x4). OpenCV shears about pixel corners, PIL about pixel
+    # centres: half a pixel times the shear, at most 0.45 grey levels here.
+    clip = ramp_clip()
+    for sign in (1, -1):
+        out = finetune.augment_op(clip.copy(), op, 0.8, sign).astype(float)
+        sx, sy = pil_source(op, 0.8, sign)
+        inside = (sx >= 2) & (sx <= 29) & (sy >= 2) & (sy <= 29)
+        assert inside.sum() > 300 and (~inside).sum() > 100  # every op at 0.8 moves pixels out of the frame
+        for t in range(2):
+            for c in range(3):
+                expected = 3 * sx + 2 * sy + 40 + 10 * c + 9 * t
+                assert np.abs(out[t, ..., c] - expected)[inside].max() <= 1.5, (op, sign, t, c)
+        far = (sx < -3) | (sx > 34) | (sy < -3) | (sy > 34)  # well outside: timm's grey fill
+        assert far.any() and (out[:, far] == 128).all(), (op, sign)
+
+
+def colour_clip():
+    """Two frames of coloured noise, the second brighter: per-frame and per-clip statistics differ, and so
+    do the channels."""
+    rng = np.random.default_rng(3)
+    first = rng.integers(30, 120, (24, 24, 3)) * np.array([1.0, 0.6, 0.3])
+    second = rng.integers(90, 250, (24, 24, 3)) * np.array([0.5, 1.0, 0.8])
+    return np.stack([first, second]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("op", ["color", "contrast", "brightness", "sharpness"])
+def test_enhance_ops_blend_with_pils_degenerate_image(op):
+    # PIL's ImageEnhance: factor * image + (1 - factor) * degenerate; factor 1 +- 0.9 mag (-inc1) or
+    # 0.1 + 1.8 mag. The degenerate image: each pixel's grey (color), the whole clip's mean grey (contrast),
+    # black (brightness), the 3x3 SMOOTH filter of each frame (sharpness; PIL leaves its border, so the
+    # border is compared below on flat frames only).
+    clip = colour_clip()
+    x = clip.astype(float)
+    grey = x @ [0.299, 0.587, 0.114]  # ITU-R 601, PIL's "L"
+    if op == "color":
+        degenerate = np.repeat(grey[..., None], 3, -1)
+    elif op == "contrast":
+        degenerate = np.full_like(x, int(grey.mean() + 0.5))
+    elif op == "brightness":
+        degenerate = np.zeros_like(x)
+    else:
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        window = sum(padded[:, 1 + dy:25 + dy, 1 + dx:25 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        degenerate = (window + 4 * x) / 13  # weights 1, centre 5
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    for mag, sign, inc, factor in [(0.5, 1, True, 1.45), (0.5, -1, True, 0.55), (0.25, 1, False, 0.55)]:
+        out = finetune.augment_op(clip.copy(), op, mag, sign, inc).astype(float)
+        expected = np.clip(factor * x + (1 - factor) * degenerate, 0, 255)
+        assert np.abs(out - expected)[inner].max() <= 1.01, (op, sign, inc)
+    flat = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (20, 200)])  # two flat frames
+    if op == "sharpness":  # smoothing each frame alone leaves a flat frame flat, its border too
+        assert np.array_equal(finetune.augment_op(flat.copy(), op, 0.5), flat)
+
+
+def pil_equalize(channel):
+    """PIL's ImageOps.equalize lookup table for one channel's values, written out as PIL does (Image.point
+    clips the table to 0..255)."""
+    h = np.bincount(channel.ravel(), minlength=256)
+    used = h[h > 0]
+    step = (used.sum() - used[-1]) // 255
+    if len(used) <= 1 or step == 0:
+        return np.arange(256)
+    lut, n = [], step // 2
+    for i in range(256):
+        lut.append(min(n // step, 255))
+        n += h[i]
+    return np.array(lut)
+
+
+def test_histogram_ops_map_every_frame_by_the_clips_statistics():
+    # autocontrast stretches each channel's [min, max] over the clip to [0, 255] (PIL truncates), equalize
+    # flattens each channel's histogram over the clip; every frame gets the same mapping.
+    clip = colour_clip()
+    out = finetune.augment_op(clip.copy(), "autocontrast", 0.5)
+    for c in range(3):
+        lo, hi = int(clip[..., c].min()), int(clip[..., c].max())
+        expected = np.floor((clip[..., c].astype(float) - lo) * 255 / (hi - lo))
+        assert np.abs(out[..., c] - expected).max() <= 1 and out[..., c].min() == 0 and out[..., c].max() == 255
+        assert (clip[0, ..., c].min(), clip[0, ..., c].max()) != (lo, hi)  # the first frame's range is another
+    out = finetune.augment_op(clip.copy(), "equalize", 0.5)
+    for c in range(3):
+        assert np.array_equal(out[..., c], pil_equalize(clip[..., c])[clip[..., c]]), c
+        assert not np.array_equal(pil_equalize(clip[..., c]), pil_equalize(clip[:1, ..., c]))
+
+
+def test_rand_augment_draws_ops_magnitudes_and_signs_as_timm(monkeypatch):
+    # timm's RandAugment: num_ops ops drawn uniformly with replacement, each applied with probability 0.5 at a
+    # magnitude ~ N(m, mstd) clipped to [0, 10], divided by 10, with a random sign; -inc1 passed on.
+    calls = []
+    monkeypatch.setattr(finetune, "augment_op",
+                        lambda clip, op, mag, sign=1, inc=True: calls.append((op, mag, sign, inc)) or clip)
+    rng, clip = np.random.default_rng(0), np.zeros((1, 4, 4, 3), np.uint8)
+    for _ in range(1000):
+        finetune.rand_augment(clip, rng, 7, 4, 0.5, True)
+    assert abs(len(calls) / 4000 - 0.5) < 0.03  # 4 ops a clip, each with p 0.5
+    counts = __import__("collections").Counter(op for op, *_ in calls)
+    assert set(counts) == set(finetune.RAND_OPS) and max(counts.values()) < 2 * min(counts.values())
+    mags = np.array([mag for _, mag, _, _ in calls])
+    assert abs(mags.mean() - 0.7) < 0.006 and abs(mags.std() - 0.05) < 0.006
+    signs = np.array([sign for _, _, sign, _ in calls])
+    assert set(signs.tolist()) == {1, -1} and abs((signs == 1).mean() - 0.5) < 0.05
+    assert {inc for *_, inc in calls} == {True}
+    calls.clear()
+    for _ in range(300):
+        finetune.rand_augment(clip, rng, 10, 2, 5.0, False)
+    mags = np.array([mag for _, mag, _, _ in calls])
+    assert mags.min() >= 0 and mags.max() == 1.0 and 0.35 < (mags == 1.0).mean() < 0.65  # clipped at 10
+    assert {inc for *_, inc in calls} == {False}
+    erased = []
+    monkeypatch.setattr(finetune, "random_erase", lambda clip, rng: erased.append(1))
+    for _ in range(1000):
+        finetune.augment_clip(clip, rng, None, reprob=0.25)
+    assert abs(len(erased) / 1000 - 0.25) < 0.04
+
+
 def test_random_erase():
     clip = np.zeros((4, 32, 32, 3), np.uint8)
     for seed in range(20):
