@@ -525,6 +525,23 @@ def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
     assert img.shape == (250, 3 * 360, 3)  # loss, lr, k-NN probe: one panel each
     curve = (img == (170, 80, 20)).all(-1)  # the curves' colour
     assert all(curve[:, k * 360:(k + 1) * 360].sum() > 50 for k in range(3))
+    # each panel is the chart of its own figure, with its own title
+    for k, (key, title) in enumerate([("loss", "training loss"), ("lr", "learning rate"),
+                                      ("knn_top1", "k-NN probe top-1, frozen encoder")]):
+        chart = plots.line_chart([(r["epoch"], r[key]) for r in rows[1:]], title, percent=key == "knn_top1")
+        assert np.array_equal(img[:, k * 360:(k + 1) * 360], chart), key
+    # the chart draws the values: k-NN top-1 0, 20, 40, 60% at epochs 0-3 on a 0-100% axis (rows 210 to 34,
+    # epochs 0-4 at columns 62 to 342); the falling loss starts high and ends low
+    knn = curve[:, 720:]
+    for epoch in range(4):
+        rows_at = np.nonzero(knn[:, 62 + 70 * epoch])[0]
+        assert abs(rows_at.mean() - (210 - 176 * 0.2 * epoch)) <= 2, (epoch, rows_at)
+    loss_rows = [np.nonzero(curve[:, col])[0].mean() for col in (62, 62 + 70 * 3)]
+    assert loss_rows[0] < loss_rows[1] - 100
+    # the title states the last value: charts that differ in their first value only share the title's band
+    title_band = [plots.line_chart(points, "loss")[:27] for points in ([(0, 9), (1, 2)], [(0, 5), (1, 2)],
+                                                                       [(0, 9), (1, 3)])]
+    assert np.array_equal(title_band[0], title_band[1]) and not np.array_equal(title_band[0], title_band[2])
 
 
 def test_confusion_png_prints_each_share_in_its_cell():
@@ -540,6 +557,46 @@ def test_confusion_png_prints_each_share_in_its_cell():
         confusion_png(labels.roll(1), labels, [f"class name {c}" for c in range(101)], f"{d}/c101.png")
         img = cv2.imread(f"{d}/c101.png")
         assert 101 * 18 < img.shape[0] < 2200 and 101 * 18 < img.shape[1] < 2600  # 18-pixel cells for UCF101
+
+
+def test_confusion_png_prints_each_cells_share_where_its_classes_are_named(monkeypatch, tmp_path):
+    # true 0 0 0 0 1 1 1 1 1 2 2 -> predicted 0 0 0 2 0 1 1 1 1 2 2: counts [[3, 0, 1], [1, 4, 0], [0, 0, 2]]
+    labels, pred = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]), torch.tensor([0, 0, 0, 2, 0, 1, 1, 1, 1, 2, 2])
+    drawn = []
+    monkeypatch.setattr(plots, "confusion", lambda *a: drawn.append(a) or np.zeros((4, 4, 3), np.uint8))
+    evaluate.confusion_png(pred, labels, ["ant", "bumblebee", "cat"], str(tmp_path / "c.png"), listed=1)
+    share, counts, names, pairs = drawn[0]
+    assert counts.tolist() == [[3, 0, 1], [1, 4, 0], [0, 0, 2]]  # row: true class, column: predicted
+    np.testing.assert_allclose(share, [[0.75, 0, 0.25], [0.2, 0.8, 0], [0, 0, 1]])  # of each true class's videos
+    assert [tuple(map(int, tp)) for tp in pairs] == [(0, 2)]  # the most confused first (25% > 20%), `listed` of them
+    monkeypatch.undo()
+    names = ["ant", "bumblebee", "cat"]
+    pairs = [(0, 2), (1, 0)]
+    cells, title, lines = plots.confusion_text(share, counts, names, pairs)
+    assert cells == {(0, 0): "75", (0, 2): "25", (1, 0): "20", (1, 1): "80", (2, 2): "100"}
+    assert title == "confusion on 11 test videos, top-1 81.8%"
+    assert lines == [" 25%  ant -> cat (1 of 4)", " 20%  bumblebee -> ant (1 of 5)"]
+    img = plots.confusion(share, counts, names, pairs)
+    centre = {}  # each cell's middle, found by its colour (every share here has its own)
+    for (t, p) in cells:
+        ys, xs = np.nonzero((img == np.array(plots._cell_colour(share[t, p])).astype(np.uint8)).all(-1))
+        assert len(ys) > 0.8 * 64 ** 2  # a whole cell (3 classes: 64 pixels a side) but its number
+        centre[t, p] = (np.median(ys), np.median(xs))
+    y = {t: centre[t, p][0] for t, p in centre}
+    x = {p: centre[t, p][1] for t, p in centre}
+    assert all(abs(centre[t, p][0] - y[t]) <= 2 and abs(centre[t, p][1] - x[p]) <= 2 for t, p in centre)
+    assert 60 < y[1] - y[0] < 68 and 60 < y[2] - y[1] < 68  # true classes down, a cell apart
+    assert 60 < x[1] - x[0] < 68 and 60 < x[2] - x[1] < 68  # predicted classes across
+    rows = {t: (y[t] - 32, y[t] + 32) for t in y}
+    columns = {p: (x[p] - 32, x[p] + 32) for p in x}
+    # the first class renamed: only its row's name, its column's name and the pairs that name it change
+    renamed = plots.confusion(share, counts, ["elk"] + names[1:], pairs)
+    ys, xs = np.nonzero((renamed != img).any(-1))
+    left, top, right = columns[0][0], rows[0][0], columns[2][1]
+    beside, above = xs < left, (ys < top) & (xs >= left) & (xs <= right)
+    assert beside.any() and above.any()
+    assert (ys[beside] >= rows[0][0] - 1).all() and (ys[beside] <= rows[0][1] + 1).all()
+    assert (xs[above] >= columns[0][0] - 1).all() and (xs[above] <= columns[0][1] + 1).all()
 
 
 # --------------------------------------------------------------------------------------------- data
