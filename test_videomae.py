@@ -493,6 +493,75 @@ def test_merge_views_averages_each_video_once():
     assert seen.tolist() == [True, True, True, False]
 
 
+class FlatViews(torch.utils.data.Dataset):
+    """Test-mode items (views, label, index, substituted, truncated) of V flat views: view v of video i is
+    the grey level 40 i + 10 v; labels alternate 0, 1."""
+
+    def __init__(self, num_videos, V):
+        self.samples = [(f"video{i}.avi", i % 2) for i in range(num_videos)]
+        self.segments, self.crops = V, 1
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        views = [torch.full((2, 8, 8, 3), 40 * i + 10 * v, dtype=torch.uint8) for v in range(self.segments)]
+        return torch.stack(views), self.samples[i][1], i, 0, 0
+
+
+def grey_of(clips):
+    """The grey level of ImageNet-normalised flat clips (B, 3, T, H, W): (B,)."""
+    return (clips[:, 0, 0, 0, 0] * MD.IMAGENET_STD[0] + MD.IMAGENET_MEAN[0]) * 255
+
+
+def test_multi_view_scores_average_the_softmax_of_every_view():
+    from types import SimpleNamespace
+    args = SimpleNamespace(batch_size=2, num_workers=0, seed=0, dtype="fp32")
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    merged, seen, unreadable = evaluate.per_video(lambda clips: grey_of(clips)[:, None], FlatViews(3, 3), args, ctx)
+    torch.testing.assert_close(merged[:, 0], torch.tensor([10.0, 50.0, 90.0], dtype=torch.float64), atol=1e-3, rtol=0)
+    assert seen.all() and not unreadable.any()
+
+    class Net(torch.nn.Module):  # video 0: one sure view of class 1, two less sure views of class 0
+        def forward(self, clips):
+            logits = {0: [0.0, 20.0], 10: [3.0, 0.0], 20: [3.0, 0.0], 40: [0.0, 1.0], 50: [0.0, 1.0], 60: [0.0, 1.0]}
+            return torch.tensor([logits[round(g)] for g in grey_of(clips).tolist()])
+
+    # softmax averaged: video 0 is class 0 (0.64); averaged logits (2, 6.7) or its first view alone say class 1
+    scores, pred, labels = evaluate.predict_and_score(Net(), FlatViews(2, 3), args, ctx, want_probs=True)
+    assert pred.tolist() == [0, 1] and labels.tolist() == [0, 1]
+    assert scores["top1"] == 1.0 and scores["views"] == 3 and scores["num_videos"] == 2
+
+
+def test_reconstruction_scores_are_the_losses_of_the_model_and_of_the_trivial_predictors(two_classes):
+    from types import SimpleNamespace
+    samples = data.load_samples(two_classes / "val.txt")[0]  # 5 videos: batches of 2, 2 and 1
+    args = SimpleNamespace(batch_size=2, num_workers=0, seed=0, dtype="fp32", num_frames=4, sampling_rate=2,
+                           input_size=32, mask_type="tube", mask_ratio=0.75)
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"), main=True)
+    net = tiny_mae()  # norm_pix_loss: the yardsticks are scored in the loss's target space too
+    got = evaluate.reconstruction_scores(net, samples, args, ctx)
+    assert net.training
+    # clip by clip: each video's centre clip, the masks drawn batch after batch from a generator seeded 0
+    ds = data.VideoDataset(samples, "test", 4, 2, 32, test_num_segment=1, test_num_crop=1)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.cat([M.tube_mask(B, GRID, 0.75, generator=g) for B in (2, 2, 1)])
+    losses = []  # (model, mean visible, nearest visible) of each clip
+    net.eval()
+    for i, m in enumerate(masks[:, None]):
+        video = data.normalize(ds[i][0])  # (1, 3, 4, 32, 32)
+        target = scratch_target(video, 2, 8, norm=True)
+        hidden = target[m].view(1, -1, 384)
+        mean_visible, nearest_visible = evaluate.trivial_predictions(target, m, GRID)
+        with torch.no_grad():
+            losses.append([net(video, m)[0].item(), F.mse_loss(mean_visible, hidden).item(),
+                           F.mse_loss(nearest_visible, hidden).item()])
+    expected = np.mean(losses, axis=0)
+    assert [got[k] for k in ("recon_val", "recon_val_mean_visible", "recon_val_nearest_visible")] == pytest.approx(
+        expected.tolist(), rel=1e-5)
+    assert min(abs(expected[a] - expected[b]) for a, b in [(0, 1), (0, 2), (1, 2)]) > 0.01  # three figures apart
+
+
 def test_scores_top1_top5_and_mean_class_accuracy():
     from evaluate import score
     # 5 videos, 7 classes; each row lists the classes from the highest score down
@@ -1461,6 +1530,31 @@ def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_clas
     assert [r["video"] for r in rows] == videos and "error" in rows[1]
     assert [rows[0]["top5"][0][0], rows[2]["top5"][0][0]] == ["dark", "bright"]
     assert all(math.isclose(sum(p for _, p in r["top5"]), 1, rel_tol=1e-5) for r in (rows[0], rows[2]))  # 2 classes
+    # the views, counted and averaged: each video's probabilities are its softmax averaged over the 2 segments x
+    # 3 crops that the test cuts, here of a model whose views disagree (its head over 3 classes reads the three
+    # directions in which the features of the 12 views differ most)
+    cut = {video: data.VideoDataset([(video, 0)], "test", 4, 2, 32, test_num_segment=2, test_num_crop=3)._load(0)
+           for video in videos[::2]}
+    net = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=3).eval()
+    with torch.no_grad():
+        features = net.fc_norm(net.features(data.normalize(torch.from_numpy(np.concatenate(list(cut.values()))))))
+        _, spread, directions = torch.linalg.svd(features - features.mean(0), full_matrices=False)
+        net.head.weight.copy_(directions[:3] / spread[:3, None] * 3 * math.sqrt(len(features)))  # logits' std 3
+        net.head.bias.copy_(-net.head.weight @ features.mean(0))
+    config = {"model": "tiny", "input_size": 32, "num_frames": 4, "sampling_rate": 2, "classes": ["x", "y", "z"]}
+    torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, tmp_path / "random.pth")
+    clips_seen, forward = [], MD.VideoViT.forward
+    monkeypatch.setattr(MD.VideoViT, "forward", lambda net, video: clips_seen.append(len(video)) or forward(net, video))
+    rows_random, _ = predict(tmp_path / "random.pth", tmp_path / "predict-random")
+    monkeypatch.setattr(MD.VideoViT, "forward", forward)
+    assert sum(clips_seen) == 2 * 6  # the 2 readable videos
+    for row, video in zip(rows_random[::2], videos[::2]):
+        with torch.no_grad():
+            probs = net(data.normalize(torch.from_numpy(cut[video]))).softmax(-1)
+        assert (probs - probs.mean(0)).abs().max() > 0.05  # the views disagree: no single view would do
+        top = probs.mean(0).sort(descending=True)
+        assert [name for name, _ in row["top5"]] == [config["classes"][c] for c in top.indices.tolist()]
+        np.testing.assert_allclose([p for _, p in row["top5"]], top.values.tolist(), rtol=1e-5)
     # exported to HuggingFace's layout: the sizes and id2label come from its config.json, the predictions agree
     exported = W.export_huggingface(out / "checkpoint-latest.pth", tmp_path / "hf")[1]
     rows_hf, printed = predict(exported, tmp_path / "predict-hf")
