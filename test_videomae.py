@@ -483,6 +483,65 @@ def test_mixup_and_cutmix_targets_sum_to_one():
     torch.testing.assert_close(soft_cross_entropy(logits, target), F.cross_entropy(logits, labels))
 
 
+def test_mixup_and_cutmix_mix_clips_and_targets_by_one_share():
+    from types import SimpleNamespace
+    from finetune import mix
+    video, labels = torch.arange(1.0, 5.0).view(4, 1, 1, 1, 1).expand(4, 3, 2, 16, 16), torch.tensor([0, 1, 2, 3])
+    for mixup, cutmix in [(0.8, 0.0), (0.0, 1.0)]:
+        a = SimpleNamespace(smoothing=0.0, mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5)
+        for seed in range(6):
+            torch.manual_seed(seed)  # the Beta draw
+            out, target = mix(video, labels, 4, a, torch.Generator().manual_seed(seed))
+            for b in range(4):  # clip b is mixed with clip 3 - b (the batch reversed)
+                own, partner = b + 1.0, 4.0 - b
+                if cutmix:  # the share of pixels kept from its own clip
+                    kept = (out[b] == own).float().mean().item()
+                    assert ((out[b] == own) | (out[b] == partner)).all()
+                else:  # every pixel lam * own + (1 - lam) * partner
+                    kept = ((out[b] - partner) / (own - partner)).mean().item()
+                    torch.testing.assert_close(out[b], own * kept + partner * (1 - kept) + 0 * out[b])
+                assert target[b].sum().item() == pytest.approx(1)
+                assert target[b, b].item() == pytest.approx(kept, abs=1e-6)
+                assert target[b, 3 - b].item() == pytest.approx(1 - kept, abs=1e-6)
+    a = SimpleNamespace(smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5)
+    _, target = mix(video, labels, 4, a, torch.Generator())
+    torch.testing.assert_close(target, torch.full((4, 4), 0.025) + 0.9 * torch.eye(4))  # 1 - 0.1 + 0.1 / 4 on the label
+
+
+def test_each_step_sets_the_schedules_lr_times_each_groups_layer_decay():
+    from types import SimpleNamespace
+    vit = tiny_vit()  # 2 blocks: scales 0.5^3 (patch embedding), 0.5^2, 0.5 (blocks), 1 (fc_norm, head)
+    optimizer = torch.optim.AdamW(MD.param_groups(vit, 0.05, layer_decay=0.5))
+    assert engine.Run.set_lr(SimpleNamespace(optimizer=optimizer), 0.08) == 0.08
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.01, 0.02, 0.04, 0.08]
+    assert all(g["lr"] == 0.08 * g["lr_scale"] for g in optimizer.param_groups)
+
+
+def test_each_epoch_and_process_draws_its_own_shuffle_masks_and_augmentations():
+    from types import SimpleNamespace
+    from torch.utils.data import DistributedSampler
+    args = SimpleNamespace(seed=0, batch_size=2, num_workers=0, accum_iter=1)
+    draws = {}
+    for epoch, rank in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0)]:
+        sampler = DistributedSampler(range(20), 2, rank, shuffle=True, seed=0)
+        ctx = SimpleNamespace(rank=rank, device=torch.device("cpu"))
+        g = engine.start_epoch(epoch, sampler, args, ctx)
+        draw = (tuple(sampler), tuple(torch.rand(4, generator=g).tolist()), tuple(torch.rand(4).tolist()))
+        assert draws.setdefault((epoch, rank), draw) == draw  # the same epoch and rank: the same draws (resume)
+    assert all(len({d[k] for d in draws.values()}) == 4 for k in (1, 2))  # masks, workers' RNG: each its own
+    assert draws[0, 0][0] != draws[1, 0][0] and not set(draws[0, 0][0]) & set(draws[0, 1][0])  # shuffles; shares
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    dataset = list(range(7))
+    train, sampler = engine.make_loader(dataset, args, ctx, train=True)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        orders.append(torch.cat(list(train)).tolist())
+    assert len(orders[0]) == 6 and orders[0] != orders[1] and orders[0] != sorted(orders[0])  # whole batches
+    test, _ = engine.make_loader(dataset, args, ctx, train=False)
+    assert torch.cat(list(test)).tolist() == dataset  # every test video, in order
+
+
 def test_merge_views_averages_each_video_once():
     from evaluate import merge_views
     # 3 videos x 2 views; rows of video 0 repeated, as a distributed sampler's padding does
@@ -1405,6 +1464,12 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
     for key in ("loss", "lr", "clips_per_s", "data_wait", "peak_mem_mb", "substituted"):
         assert all(key in r for r in log[1:])
     assert all(math.isfinite(r["loss"]) for r in log[1:]) and log[-1]["loss"] < log[1]["loss"]
+    # the lr of each step (the log keeps an epoch's last, step 3 of 4): warmup over epoch 0, then the cosine
+    lr, min_lr = 0.05 * 2 / 256, 1e-5 * 2 / 256
+    expected = [lr * 0.75] + [min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (e - 0.25) / 3)) / 2 for e in (1, 2, 3)]
+    assert [r["lr"] for r in log[1:]] == pytest.approx(expected, rel=1e-9)
+    final = torch.load(out / "checkpoint-latest.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in final] == pytest.approx([expected[-1]] * len(final), rel=1e-9)  # AdamW's own
     for r in log[1:]:  # every epoch is numbered here (--save_ckpt_freq 1): held-out figures on the 5 val.txt videos
         assert 0 < r["recon_val"] and 0 < r["recon_val_mean_visible"] and 0 < r["recon_val_nearest_visible"]
         assert r["knn_top1"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -1481,6 +1546,11 @@ def test_finetune_learns_six_classes_resumes_with_the_checkpoints_sizes_and_eval
     assert test["num_videos"] == 6 and test["views"] == 6 and test["unreadable"] == 0
     assert test["top1"] == 1.0 and test["mean_class_acc"] == 1.0 and test["top5"] == 1.0
     assert (out / "confusion.png").exists() and all("val_top1" in r for r in read_log(out)[1:-1])
+    # AdamW's groups: layer-wise decay 0.75 (the K400 recipe) over the tiny preset's 12 blocks, scales 0.75^13
+    # (patch embedding) to 1 (head); each group's lr is the schedule's times its scale
+    groups = torch.load(out / "checkpoint-latest.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx(sorted(0.75 ** k for k in range(14)))
+    assert all(g["lr"] == pytest.approx(read_log(out)[-2]["lr"] * g["lr_scale"]) for g in groups)
     # --eval in the training run's folder: its lines are appended, the record and the picture stay as they were
     record, picture = (out / "log.jsonl").read_text(), (out / "confusion.png").read_bytes()
     ckpt = str(out / "checkpoint-latest.pth")
@@ -1619,7 +1689,7 @@ def test_a_kill_at_any_write_of_an_epoch_loses_no_log_line(tmp_path, monkeypatch
 
     ctx = SimpleNamespace(main=True, world=1, rank=0, device=torch.device("cpu"), print=lambda *a: None)
     atomic_write, log = W.atomic_write, W.RunFolder.log
-    for kill_at in range(4):
+    for kill_at in range(6):  # every write of epochs 0 and 1
         for half_line in (False, True):
             out = tmp_path / f"kill{kill_at}{'-half' * half_line}"
             writes = []  # None: no kill (the resumed run)
@@ -1716,6 +1786,10 @@ def test_accumulation_is_a_doubled_batch_and_fp16_clips_the_unscaled_gradient(tm
     assert read_log(tmp_path / "batch4")[-1]["lr"] == pytest.approx(0.05 * 4 / 256)  # no warmup
     for k in a["model"]:  # AdamW's one step moves nearly every weight by about lr = 7.8e-4: the same steps
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=5e-5)
+    for k, state in a["optimizer"]["state"].items():  # the first moment is 0.1 x the gradient: the same gradient
+        torch.testing.assert_close(state["exp_avg"], b["optimizer"]["state"][k]["exp_avg"], rtol=1e-3, atol=1e-9)
+    losses = [read_log(tmp_path / d)[-1]["loss"] for d in ("batch4", "accum2")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the mean over the clips of the step, either way
     assert [read_log(tmp_path / d)[-1]["clips_per_step"] for d in ("batch4", "accum2")] == [4, 4]
     norms, dtypes = [], set()
 
@@ -1736,6 +1810,12 @@ def test_accumulation_is_a_doubled_batch_and_fp16_clips_the_unscaled_gradient(tm
     assert torch.float16 in dtypes and len(norms) == 1 and norms[0] <= 0.01 * 1.001  # unscaled, then clipped
     c = torch.load(tmp_path / "fp16" / "checkpoint-latest.pth", weights_only=True)
     assert c["scaler"]["scale"] > 1 and math.isfinite(read_log(tmp_path / "fp16")[-1]["loss"])
+    # what AdamW applied: after one step its first moment is 0.1 x the gradient it was given, so that gradient
+    # had the clipped norm 0.01 (not 0.01 / scale: clipped before unscaling; not more: not clipped)
+    exp_avg = [state["exp_avg"].float() for state in c["optimizer"]["state"].values()]
+    unclipped = [state["exp_avg"] for state in a["optimizer"]["state"].values()]
+    assert torch.linalg.vector_norm(torch.stack([m.norm() for m in exp_avg])).item() == pytest.approx(1e-3, rel=1e-2)
+    assert torch.linalg.vector_norm(torch.stack([m.norm() for m in unclipped])).item() > 1e-2  # a real clip
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
@@ -1749,14 +1829,44 @@ def torchrun(script, *argv, cwd):
     return done.stdout
 
 
-def test_torchrun_two_cpu_processes_pretrain_and_count_every_test_video_once(tmp_path, two_classes):
+CHECKSUMMED = """import hashlib, os, sys
+sys.path.insert(0, {here!r})
+import engine, pretrain
+close = engine.Run.close
+
+
+def close_with_checksum(self):  # each process writes a checksum of the weights it ends with
+    tensors = self.net.state_dict().values()
+    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors))
+    with open(os.path.join(self.args.output_dir, f"weights-rank{{self.ctx.rank}}.txt"), "w") as f:
+        f.write(digest.hexdigest())
+    close(self)
+
+
+engine.Run.close = close_with_checksum
+pretrain.main()
+"""
+
+
+def checksum(path):
+    """The checksum the script above writes, of a checkpoint's weights."""
+    tensors = torch.load(path, weights_only=True)["model"].values()
+    return __import__("hashlib").sha256(b"".join(t.contiguous().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def test_torchrun_two_cpu_processes_pretrain_one_model_and_count_every_test_video_once(tmp_path, two_classes):
     here = str(__import__("pathlib").Path(__file__).parent)
     pre = tmp_path / "pre"
-    out = torchrun("pretrain.py", "--data_path", str(two_classes), *SMALL_RUN, "--epochs", "2",
+    script = tmp_path / "checksummed_pretrain.py"  # pretrain.py, each process writing a checksum of its weights
+    script.write_text(CHECKSUMMED.format(here=here))
+    out = torchrun(str(script), "--data_path", str(two_classes), *SMALL_RUN, "--epochs", "2",
                    "--output_dir", str(pre), cwd=here)
     assert "x 2 processes" in out
     assert [r["epoch"] for r in read_log(pre)[1:]] == [0, 1] and read_log(pre)[0]["world_size"] == 2
     assert read_log(pre)[-1]["clips_per_step"] == 4  # 2 videos on each of 2 processes
+    # one model: both processes end with the weights of the checkpoint, which moved since epoch 0's
+    ends = [(pre / f"weights-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert ends == [checksum(pre / "checkpoint-latest.pth")] * 2 != [checksum(pre / "checkpoint-0000.pth")] * 2
     ckpt = str(pre / "checkpoint-latest.pth")
     views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", ckpt, "--eval"]
     torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
@@ -1858,6 +1968,12 @@ def test_pretraining_crops_average_when_they_shrink():
     small = np.empty((1, 64, 64, 3), np.uint8)
     data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small, area=True)  # enlarging: bilinear either way
     assert np.array_equal(small, data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small.copy()))
+
+
+def test_numbered_checkpoints_every_save_ckpt_freq_epochs_and_the_last():
+    from types import SimpleNamespace
+    run = SimpleNamespace(args=SimpleNamespace(save_ckpt_freq=25, epochs=60))
+    assert [e for e in range(60) if engine.Run.numbered(run, e)] == [24, 49, 59]
 
 
 def parsed_args(script, argv, monkeypatch):
