@@ -53,6 +53,7 @@ def test_random_mask_counts_and_is_not_a_tube():
     assert (m.sum(1) == int(0.75 * 1568)).all()
     slices = m.view(16, 8, 196)
     assert not (slices == slices[:, :1]).all()
+    assert len({tuple(row) for row in m.tolist()}) == 16  # each clip draws its own
 
 
 def test_running_cell_mask_matches_the_rolled_cell():
@@ -887,6 +888,7 @@ def test_clip_indices_follow_the_reference():
 def test_clip_indices():
     rng = np.random.default_rng(0)
     T, r = 16, 4
+    offsets = set()
     for _ in range(50):
         (c,) = data.clip_indices(300, 'pretrain', T, r, 'i3d', rng)
         assert c[0] <= 300 - 64 and np.all(np.diff(c) == 4)
@@ -894,6 +896,11 @@ def test_clip_indices():
         assert len(c) == T and np.all(np.diff(c) >= 4) and np.all(np.diff(c) <= 5) and 60 <= c[-1] - c[0] <= 64
         (c,) = data.clip_indices(300, 'train', T, r, 'segment', rng)
         assert np.array_equal(c // (300 // T), np.arange(T))
+        offsets.add(len(set((c % (300 // T)).tolist())))
+    assert max(offsets) > 8  # ssv2.py: a frame drawn in each segment on its own
+    for end in (64, 150, 299):  # kinetics.py, a video longer than T*r: T frames of linspace(end - T*r, end), clipped
+        (c,) = data.clip_indices(300, 'train', T, r, 'i3d', FixedDraw(end))
+        assert c.tolist() == [min(int(end - 64 + 64 * k / 15), end - 1) for k in range(16)], end
     test = data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=5)
     assert test[-1][-1] == 296 and all(np.all(np.diff(c) == 4) for c in test)
     assert [c[0] for c in data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=1)] == [116]  # the middle
@@ -918,8 +925,16 @@ def test_crop_boxes():
 
 
 @pytest.mark.parametrize('mode,V', [('pretrain', 2), ('train', 2), ('test', 6)])
-def test_dataset_outputs(videos, mode, V):
+def test_dataset_outputs(videos, mode, V, monkeypatch):
     torch.manual_seed(0)  # items draw their randomness from torch's RNG
+    render, areas, flips = data._render, set(), set()
+
+    def spy(frames, indices, box, size, flip, out, area=False):
+        areas.add(area)
+        flips.add(flip)
+        return render(frames, indices, box, size, flip, out, area=area)
+
+    monkeypatch.setattr(data, "_render", spy)
     samples = [(videos['avi'], 3), (videos['mp4'], 1), (videos['short'], 0)]
     augment = functools.partial(finetune.augment_clip, aa=finetune.parse_aa('rand-m7-n4-mstd0.5-inc1'), reprob=0.25)
     ds = data.VideoDataset(samples, mode, num_frames=8, sampling_rate=2, input_size=32, num_sample=2,
@@ -931,6 +946,8 @@ def test_dataset_outputs(videos, mode, V):
         assert 20 < clips.float().mean() < 235 and clips.max() > 100
     if mode != 'test':
         assert not torch.equal(clips[0], clips[1])  # repeated sampling: different clips from one decode
+    # pre-training crops average when they shrink, the others sample; only training crops flip (at random)
+    assert areas == {mode == 'pretrain'} and flips == ({False, True} if mode == 'train' else {False})
 
 
 def test_test_mode_views_are_exact_crops(videos):
@@ -1965,6 +1982,8 @@ def test_pretraining_crops_average_when_they_shrink():
     assert np.abs(out[0] - blocks).max() <= 0.5 + 1e-6
     data._render({0: frame}, [0], (0, 0, 48, 48), 16, False, out)  # bilinear samples each block's centre pixel
     assert np.array_equal(out[0], frame[1::3, 1::3, ::-1])
+    data._render({0: frame}, [0], (0, 0, 48, 48), 16, True, out)  # flipped: each frame mirrored left to right
+    assert np.array_equal(out[0], frame[1::3, 1::3, ::-1][:, ::-1])
     small = np.empty((1, 64, 64, 3), np.uint8)
     data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small, area=True)  # enlarging: bilinear either way
     assert np.array_equal(small, data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small.copy()))
