@@ -395,7 +395,8 @@ def augment_op(clip, op, mag, sign=1, inc=True):
         img = cv2.addWeighted(img, factor, _degenerate(img, op, T), 1 - factor, 0)
     else:  # geometric, as inverse maps (output pixel -> input pixel), PIL's convention
         s, t = sign * 0.3 * mag, sign * 0.45 * mag
-        matrices = {"rotate": cv2.getRotationMatrix2D((W / 2, H / 2), sign * 30 * mag, 1),
+        centre = ((W - 1) / 2, (H - 1) / 2)  # as PIL; -angle: PIL turns anticlockwise
+        matrices = {"rotate": cv2.getRotationMatrix2D(centre, -sign * 30 * mag, 1),
                     "shear_x": [[1, s, 0], [0, 1, 0]], "shear_y": [[1, 0, 0], [s, 1, 0]],
                     "translate_x": [[1, 0, t * W], [0, 1, 0]],
                     "translate_y": [[1, 0, 0], [0, 1, t * H]]}

@@ -113,6 +113,17 @@ def _name_strip(names, cell, width, font, align):
     return strip
 
 
+def confusion_text(share, counts, names, pairs):
+    """What confusion() prints: {(true, predicted): the cell's percentage} for the cells with
+    videos, the title, and a line for each of `pairs`."""
+    cells = {(int(t), int(p)): f"{100 * share[t, p]:.0f}" for t, p in zip(*np.nonzero(counts))}
+    total = counts.sum()
+    title = f"confusion on {total} test videos, top-1 {np.trace(counts) / max(total, 1):.1%}"
+    lines = [f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} ({counts[t, p]} of "
+             f"{counts[t].sum()})" for t, p in pairs]
+    return cells, title, lines
+
+
 def confusion(share, counts, names, pairs):
     """A confusion matrix that reads alone: true class down, predicted across, both named; each cell
     the share of the true class's videos in percent (blank: none); beside it the most-confused
@@ -121,12 +132,12 @@ def confusion(share, counts, names, pairs):
     K = len(names)
     cell = int(np.clip(1100 // K, 18, 64))
     font = min(0.5, cell / 60)
+    cells, title, lines = confusion_text(share, counts, names, pairs)
     grid = np.full((K * cell, K * cell, 3), 255, np.uint8)
-    for t, p in zip(*np.nonzero(counts)):
+    for (t, p), text in cells.items():
         grid[t * cell:(t + 1) * cell, p * cell:(p + 1) * cell] = _cell_colour(share[t, p])
         ink = (255, 255, 255) if share[t, p] > 0.5 else (0, 0, 0)
-        put(grid, f"{100 * share[t, p]:.0f}", (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font,
-            ink, align=0.5)
+        put(grid, text, (p + 0.5) * cell, (t + 0.5) * cell + 11 * font, font, ink, align=0.5)
     grid[::cell] = 200  # lines between cells
     grid[:, ::cell] = 200
     grid[-1] = 200
@@ -146,17 +157,13 @@ def confusion(share, counts, names, pairs):
     true_title = np.full((band, side, 3), 255, np.uint8)  # turned to read bottom to top
     put(true_title, "true class", side / 2, band - 8, 0.5, align=0.5)
     img[top:top + side, :band] = cv2.rotate(true_title, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    total = counts.sum()
-    top1 = np.trace(counts) / max(total, 1)
-    put(img, f"confusion on {total} test videos, top-1 {top1:.1%}", 8, 20, 0.5)
+    put(img, title, 8, 20, 0.5)
     put(img, "row: true class; cell: % of its videos predicted as the column's class (blank: 0%)",
         8, 42, 0.45)
     x, y = left + side + 16, top + 14
     put(img, "most confused: true -> predicted, % of true", x, y, 0.45)
-    for t, p in pairs:
+    for line in lines:
         y += 20
-        line = (f"{100 * share[t, p]:3.0f}%  {names[t]} -> {names[p]} "
-                f"({counts[t, p]} of {counts[t].sum()})")
         put(img, line, x, y, 0.45)
     return img
 

@@ -60,6 +60,7 @@ def test_random_mask_counts_and_is_not_a_tube():
     assert (m.sum(1) == int(0.75 * 1568)).all()
     slices = m.view(16, 8, 196)
     assert not (slices == slices[:, :1]).all()
+    assert len({tuple(row) for row in m.tolist()}) == 16  # each clip draws its own
 
 
 def test_running_cell_mask_matches_the_rolled_cell():
@@ -602,6 +603,74 @@ def test_mixup_and_cutmix_targets_sum_to_one():
     torch.testing.assert_close(soft_cross_entropy(logits, target), F.cross_entropy(logits, labels))
 
 
+def test_mixup_and_cutmix_mix_clips_and_targets_by_one_share():
+    from types import SimpleNamespace
+    from finetune import mix
+    video, labels = torch.arange(1.0, 5.0).view(4, 1, 1, 1, 1).expand(4, 3, 2, 16, 16), torch.tensor([0, 1, 2, 3])
+    for mixup, cutmix in [(0.8, 0.0), (0.0, 1.0)]:
+        a = SimpleNamespace(smoothing=0.0, mixup=mixup, cutmix=cutmix, mixup_prob=1.0, mixup_switch_prob=0.5)
+        for seed in range(6):
+            torch.manual_seed(seed)  # the Beta draw
+            out, target = mix(video, labels, 4, a, torch.Generator().manual_seed(seed))
+            for b in range(4):  # clip b is mixed with clip 3 - b (the batch reversed)
+                own, partner = b + 1.0, 4.0 - b
+                if cutmix:  # the share of pixels kept from its own clip
+                    kept = (out[b] == own).float().mean().item()
+                    assert ((out[b] == own) | (out[b] == partner)).all()
+                else:  # every pixel lam * own + (1 - lam) * partner
+                    kept = ((out[b] - partner) / (own - partner)).mean().item()
+                    torch.testing.assert_close(out[b], own * kept + partner * (1 - kept) + 0 * out[b])
+                assert target[b].sum().item() == pytest.approx(1)
+                assert target[b, b].item() == pytest.approx(kept, abs=1e-6)
+                assert target[b, 3 - b].item() == pytest.approx(1 - kept, abs=1e-6)
+    a = SimpleNamespace(smoothing=0.1, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5)
+    _, target = mix(video, labels, 4, a, torch.Generator())
+    torch.testing.assert_close(target, torch.full((4, 4), 0.025) + 0.9 * torch.eye(4))  # 1 - 0.1 + 0.1 / 4 on the label
+
+
+def test_each_step_sets_the_schedules_lr_times_each_groups_layer_decay():
+    from types import SimpleNamespace
+    vit = tiny_vit()  # 2 blocks: scales 0.5^3 (patch embedding), 0.5^2, 0.5 (blocks), 1 (fc_norm, head)
+    optimizer = torch.optim.AdamW(MD.param_groups(vit, 0.05, layer_decay=0.5))
+    assert engine.Run.set_lr(SimpleNamespace(optimizer=optimizer), 0.08) == 0.08
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.01, 0.02, 0.04, 0.08]
+    assert all(g["lr"] == 0.08 * g["lr_scale"] for g in optimizer.param_groups)
+
+
+def test_each_epoch_and_process_draws_its_own_shuffle_masks_and_augmentations():
+    from types import SimpleNamespace
+    from torch.utils.data import DistributedSampler
+    args = SimpleNamespace(seed=0, batch_size=2, num_workers=0, accum_iter=1)
+    draws = {}
+    for epoch, rank in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0)]:
+        sampler = DistributedSampler(range(20), 2, rank, shuffle=True, seed=0)
+        ctx = SimpleNamespace(rank=rank, device=torch.device("cpu"))
+        g = engine.start_epoch(epoch, sampler, args, ctx)
+        draw = (tuple(sampler), tuple(torch.rand(4, generator=g).tolist()), tuple(torch.rand(4).tolist()))
+        assert draws.setdefault((epoch, rank), draw) == draw  # the same epoch and rank: the same draws (resume)
+    assert all(len({d[k] for d in draws.values()}) == 4 for k in (1, 2))  # masks, workers' RNG: each its own
+    assert draws[0, 0][0] != draws[1, 0][0] and not set(draws[0, 0][0]) & set(draws[0, 1][0])  # shuffles; shares
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+
+    class Items(torch.utils.data.Dataset):  # 7 videos of one view each; the sampler hands (index, epoch)
+        views = 1
+
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, item):
+            return item[0]
+    args.num_sample = 1
+    train, sampler = data.make_loader(Items(), args, ctx, train=True)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        orders.append(torch.cat(list(train)).tolist())
+    assert len(orders[0]) == 6 and orders[0] != orders[1] and orders[0] != sorted(orders[0])  # whole batches
+    test, _ = data.make_loader(Items(), args, ctx, train=False)
+    assert torch.cat(list(test)).tolist() == list(range(7))  # every test video, in order
+
+
 def test_merge_views_averages_each_video_once():
     from evaluate import merge_views
     # 3 videos x 2 views; rows of video 0 repeated, as a distributed sampler's padding does
@@ -610,6 +679,76 @@ def test_merge_views_averages_each_video_once():
     merged, seen = merge_views(idx, probs, 4)
     torch.testing.assert_close(merged[:3].float(), torch.tensor([[.5, .5], [1., 0], [0, 1.]]))
     assert seen.tolist() == [True, True, True, False]
+
+
+class FlatViews(torch.utils.data.Dataset):
+    """Test-mode items (views, label, index, substituted, truncated) of V flat views: view v of video i is
+    the grey level 40 i + 10 v; labels alternate 0, 1."""
+
+    def __init__(self, num_videos, V):
+        self.samples = [(f"video{i}.avi", i % 2) for i in range(num_videos)]
+        self.segments, self.crops, self.views = V, 1, V
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        i = item[0]  # (index, epoch), as data.EpochSampler hands them
+        views = [torch.full((2, 8, 8, 3), 40 * i + 10 * v, dtype=torch.uint8) for v in range(self.segments)]
+        return torch.stack(views), self.samples[i][1], i, 0, 0
+
+
+def grey_of(clips):
+    """The grey level of ImageNet-normalised flat clips (B, 3, T, H, W): (B,)."""
+    return (clips[:, 0, 0, 0, 0] * MD.IMAGENET_STD[0] + MD.IMAGENET_MEAN[0]) * 255
+
+
+def test_multi_view_scores_average_the_softmax_of_every_view():
+    from types import SimpleNamespace
+    args = SimpleNamespace(batch_size=6, num_sample=1, num_workers=0, seed=0, dtype="fp32")  # 2 videos a batch
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    merged, seen, unreadable = evaluate.per_video(lambda clips: grey_of(clips)[:, None], FlatViews(3, 3), args, ctx)
+    torch.testing.assert_close(merged[:, 0], torch.tensor([10.0, 50.0, 90.0], dtype=torch.float64), atol=1e-3, rtol=0)
+    assert seen.all() and not unreadable.any()
+
+    class Net(torch.nn.Module):  # video 0: one sure view of class 1, two less sure views of class 0
+        def forward(self, clips):
+            logits = {0: [0.0, 20.0], 10: [3.0, 0.0], 20: [3.0, 0.0], 40: [0.0, 1.0], 50: [0.0, 1.0], 60: [0.0, 1.0]}
+            return torch.tensor([logits[round(g)] for g in grey_of(clips).tolist()])
+
+    # softmax averaged: video 0 is class 0 (0.64); averaged logits (2, 6.7) or its first view alone say class 1
+    scores, pred, labels = evaluate.predict_and_score(Net(), FlatViews(2, 3), args, ctx, want_probs=True)
+    assert pred.tolist() == [0, 1] and labels.tolist() == [0, 1]
+    assert scores["top1"] == 1.0 and scores["views"] == 3 and scores["num_videos"] == 2
+
+
+def test_reconstruction_scores_are_the_losses_of_the_model_and_of_the_trivial_predictors(two_classes):
+    from types import SimpleNamespace
+    samples = data.load_samples(two_classes / "val.txt")[0]  # 5 videos: batches of 2, 2 and 1
+    args = SimpleNamespace(batch_size=2, num_sample=1, num_workers=0, seed=0, dtype="fp32", num_frames=4,
+                           sampling_rate=2, input_size=32, mask_type="tube", mask_ratio=0.75)
+    ctx = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"), main=True)
+    net = tiny_mae()  # norm_pix_loss: the yardsticks are scored in the loss's target space too
+    got = evaluate.reconstruction_scores(net, samples, args, ctx)
+    assert net.training
+    # clip by clip: each video's centre clip, the masks drawn batch after batch from a generator seeded 0
+    ds = data.VideoDataset(samples, "test", 4, 2, 32, test_num_segment=1, test_num_crop=1)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.cat([M.tube_mask(B, GRID, 0.75, generator=g) for B in (2, 2, 1)])
+    losses = []  # (model, mean visible, nearest visible) of each clip
+    net.eval()
+    for i, m in enumerate(masks[:, None]):
+        video = data.normalize(ds[i][0])  # (1, 3, 4, 32, 32)
+        target = scratch_target(video, 2, 8, norm=True)
+        hidden = target[m].view(1, -1, 384)
+        mean_visible, nearest_visible = evaluate.trivial_predictions(target, m, GRID)
+        with torch.no_grad():
+            losses.append([net(video, m)[0].item(), F.mse_loss(mean_visible, hidden).item(),
+                           F.mse_loss(nearest_visible, hidden).item()])
+    expected = np.mean(losses, axis=0)
+    assert [got[k] for k in ("recon_val", "recon_val_mean_visible", "recon_val_nearest_visible")] == pytest.approx(
+        expected.tolist(), rel=1e-5)
+    assert min(abs(expected[a] - expected[b]) for a, b in [(0, 1), (0, 2), (1, 2)]) > 0.01  # three figures apart
 
 
 def test_scores_top1_top5_and_mean_class_accuracy():
@@ -644,6 +783,23 @@ def test_curves_png_draws_each_logged_figure_on_round_ticks(tmp_path):
     assert img.shape == (250, 3 * 360, 3)  # loss, lr, k-NN probe: one panel each
     curve = (img == (170, 80, 20)).all(-1)  # the curves' colour
     assert all(curve[:, k * 360:(k + 1) * 360].sum() > 50 for k in range(3))
+    # each panel is the chart of its own figure, with its own title
+    for k, (key, title) in enumerate([("loss", "training loss"), ("lr", "learning rate"),
+                                      ("knn_top1", "k-NN probe top-1, frozen encoder")]):
+        chart = plots.line_chart([(r["epoch"], r[key]) for r in rows[1:]], title, percent=key == "knn_top1")
+        assert np.array_equal(img[:, k * 360:(k + 1) * 360], chart), key
+    # the chart draws the values: k-NN top-1 0, 20, 40, 60% at epochs 0-3 on a 0-100% axis (rows 210 to 34,
+    # epochs 0-4 at columns 62 to 342); the falling loss starts high and ends low
+    knn = curve[:, 720:]
+    for epoch in range(4):
+        rows_at = np.nonzero(knn[:, 62 + 70 * epoch])[0]
+        assert abs(rows_at.mean() - (210 - 176 * 0.2 * epoch)) <= 2, (epoch, rows_at)
+    loss_rows = [np.nonzero(curve[:, col])[0].mean() for col in (62, 62 + 70 * 3)]
+    assert loss_rows[0] < loss_rows[1] - 100
+    # the title states the last value: charts that differ in their first value only share the title's band
+    title_band = [plots.line_chart(points, "loss")[:27] for points in ([(0, 9), (1, 2)], [(0, 5), (1, 2)],
+                                                                       [(0, 9), (1, 3)])]
+    assert np.array_equal(title_band[0], title_band[1]) and not np.array_equal(title_band[0], title_band[2])
 
 
 def test_efficiency_study_summarises_its_runs(tmp_path, capsys):
@@ -692,6 +848,46 @@ def test_confusion_png_prints_each_share_in_its_cell():
         confusion_png(labels.roll(1), labels, [f"class name {c}" for c in range(101)], f"{d}/c101.png")
         img = cv2.imread(f"{d}/c101.png")
         assert 101 * 18 < img.shape[0] < 2200 and 101 * 18 < img.shape[1] < 2600  # 18-pixel cells for UCF101
+
+
+def test_confusion_png_prints_each_cells_share_where_its_classes_are_named(monkeypatch, tmp_path):
+    # true 0 0 0 0 1 1 1 1 1 2 2 -> predicted 0 0 0 2 0 1 1 1 1 2 2: counts [[3, 0, 1], [1, 4, 0], [0, 0, 2]]
+    labels, pred = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2]), torch.tensor([0, 0, 0, 2, 0, 1, 1, 1, 1, 2, 2])
+    drawn = []
+    monkeypatch.setattr(plots, "confusion", lambda *a: drawn.append(a) or np.zeros((4, 4, 3), np.uint8))
+    evaluate.confusion_png(pred, labels, ["ant", "bumblebee", "cat"], str(tmp_path / "c.png"), listed=1)
+    share, counts, names, pairs = drawn[0]
+    assert counts.tolist() == [[3, 0, 1], [1, 4, 0], [0, 0, 2]]  # row: true class, column: predicted
+    np.testing.assert_allclose(share, [[0.75, 0, 0.25], [0.2, 0.8, 0], [0, 0, 1]])  # of each true class's videos
+    assert [tuple(map(int, tp)) for tp in pairs] == [(0, 2)]  # the most confused first (25% > 20%), `listed` of them
+    monkeypatch.undo()
+    names = ["ant", "bumblebee", "cat"]
+    pairs = [(0, 2), (1, 0)]
+    cells, title, lines = plots.confusion_text(share, counts, names, pairs)
+    assert cells == {(0, 0): "75", (0, 2): "25", (1, 0): "20", (1, 1): "80", (2, 2): "100"}
+    assert title == "confusion on 11 test videos, top-1 81.8%"
+    assert lines == [" 25%  ant -> cat (1 of 4)", " 20%  bumblebee -> ant (1 of 5)"]
+    img = plots.confusion(share, counts, names, pairs)
+    centre = {}  # each cell's middle, found by its colour (every share here has its own)
+    for (t, p) in cells:
+        ys, xs = np.nonzero((img == np.array(plots._cell_colour(share[t, p])).astype(np.uint8)).all(-1))
+        assert len(ys) > 0.8 * 64 ** 2  # a whole cell (3 classes: 64 pixels a side) but its number
+        centre[t, p] = (np.median(ys), np.median(xs))
+    y = {t: centre[t, p][0] for t, p in centre}
+    x = {p: centre[t, p][1] for t, p in centre}
+    assert all(abs(centre[t, p][0] - y[t]) <= 2 and abs(centre[t, p][1] - x[p]) <= 2 for t, p in centre)
+    assert 60 < y[1] - y[0] < 68 and 60 < y[2] - y[1] < 68  # true classes down, a cell apart
+    assert 60 < x[1] - x[0] < 68 and 60 < x[2] - x[1] < 68  # predicted classes across
+    rows = {t: (y[t] - 32, y[t] + 32) for t in y}
+    columns = {p: (x[p] - 32, x[p] + 32) for p in x}
+    # the first class renamed: only its row's name, its column's name and the pairs that name it change
+    renamed = plots.confusion(share, counts, ["elk"] + names[1:], pairs)
+    ys, xs = np.nonzero((renamed != img).any(-1))
+    left, top, right = columns[0][0], rows[0][0], columns[2][1]
+    beside, above = xs < left, (ys < top) & (xs >= left) & (xs <= right)
+    assert beside.any() and above.any()
+    assert (ys[beside] >= rows[0][0] - 1).all() and (ys[beside] <= rows[0][1] + 1).all()
+    assert (xs[above] >= columns[0][0] - 1).all() and (xs[above] <= columns[0][1] + 1).all()
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -854,6 +1050,7 @@ def test_clip_indices_follow_the_reference():
 def test_clip_indices():
     rng = np.random.default_rng(0)
     T, r = 16, 4
+    offsets = set()
     for _ in range(50):
         (c,) = data.clip_indices(300, 'pretrain', T, r, 'i3d', rng)
         assert c[0] <= 300 - 64 and np.all(np.diff(c) == 4)
@@ -861,6 +1058,11 @@ def test_clip_indices():
         assert len(c) == T and np.all(np.diff(c) >= 4) and np.all(np.diff(c) <= 5) and 60 <= c[-1] - c[0] <= 64
         (c,) = data.clip_indices(300, 'train', T, r, 'segment', rng)
         assert np.array_equal(c // (300 // T), np.arange(T))
+        offsets.add(len(set((c % (300 // T)).tolist())))
+    assert max(offsets) > 8  # ssv2.py: a frame drawn in each segment on its own
+    for end in (64, 150, 299):  # kinetics.py, a video longer than T*r: T frames of linspace(end - T*r, end), clipped
+        (c,) = data.clip_indices(300, 'train', T, r, 'i3d', FixedDraw(end))
+        assert c.tolist() == [min(int(end - 64 + 64 * k / 15), end - 1) for k in range(16)], end
     test = data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=5)
     assert test[-1][-1] == 296 and all(np.all(np.diff(c) == 4) for c in test)
     assert [c[0] for c in data.clip_indices(300, 'test', T, r, 'i3d', test_num_segment=1)] == [116]  # the middle
@@ -885,8 +1087,16 @@ def test_crop_boxes():
 
 
 @pytest.mark.parametrize('mode,V', [('pretrain', 2), ('train', 2), ('test', 6)])
-def test_dataset_outputs(videos, mode, V):
+def test_dataset_outputs(videos, mode, V, monkeypatch):
     torch.manual_seed(0)  # items draw their randomness from torch's RNG
+    render, areas, flips = data._render, set(), set()
+
+    def spy(frames, indices, box, size, flip, out, area=False):
+        areas.add(area)
+        flips.add(flip)
+        return render(frames, indices, box, size, flip, out, area=area)
+
+    monkeypatch.setattr(data, "_render", spy)
     samples = [(videos['avi'], 3), (videos['mp4'], 1), (videos['short'], 0)]
     augment = functools.partial(finetune.augment_clip, aa=finetune.parse_aa('rand-m7-n4-mstd0.5-inc1'), reprob=0.25)
     ds = data.VideoDataset(samples, mode, num_frames=8, sampling_rate=2, input_size=32, num_sample=2,
@@ -898,6 +1108,8 @@ def test_dataset_outputs(videos, mode, V):
         assert 20 < clips.float().mean() < 235 and clips.max() > 100
     if mode != 'test':
         assert not torch.equal(clips[0], clips[1])  # repeated sampling: different clips from one decode
+    # pre-training crops average when they shrink, the others sample; only training crops flip (at random)
+    assert areas == {mode == 'pretrain'} and flips == ({False, True} if mode == 'train' else {False})
 
 
 def test_test_mode_views_are_exact_crops(videos):
@@ -960,6 +1172,150 @@ def test_rand_augment_is_the_references():
     assert shifted.max() > 200 and shifted.min() == 0
     rotated = finetune.augment_op(np.full((1, 32, 32, 3), 7, np.uint8), "rotate", 1.0)
     assert (rotated[0, 0, 0] == 128).all() and (rotated[0, 16, 16] == 7).all()
+
+
+def ramp_clip():
+    """Two 32x32 frames of linear ramps, 3x + 2y + 40 + 10c in channel c, the second frame 9 levels
+    brighter: bicubic interpolation reproduces a linear ramp, so a warp's output is the ramp at the
+    source point."""
+    y, x = np.mgrid[0:32, 0:32]
+    frame = 3 * x + 2 * y + 40
+    return np.stack([np.stack([frame + 10 * c + 9 * t for c in range(3)], -1) for t in range(2)]).astype(np.uint8)
+
+
+def pil_source(op, mag, sign, W=32, H=32):
+    """Where PIL's transform (timm's ops) reads each output pixel: the affine data (a, b, c, d, e, f)
+    of Image.transform, or of Image.rotate (counter-clockwise about the centre), applied at pixel
+    centres (x + 0.5, y + 0.5) and read back in pixel indices."""
+    s, t = sign * 0.3 * mag, sign * 0.45 * mag
+    if op == "rotate":
+        angle = -math.radians(sign * 30 * mag)
+        a, b, d, e = math.cos(angle), math.sin(angle), -math.sin(angle), math.cos(angle)
+        cx, cy = W / 2, H / 2
+        c, f = cx - a * cx - b * cy, cy - d * cx - e * cy
+    else:
+        a, b, c, d, e, f = {"shear_x": (1, s, 0, 0, 1, 0), "shear_y": (1, 0, 0, s, 1, 0),
+                            "translate_x": (1, 0, t * W, 0, 1, 0), "translate_y": (1, 0, 0, 0, 1, t * H)}[op]
+    y, x = np.mgrid[0:H, 0:W] + 0.5
+    return a * x + b * y + c - 0.5, d * x + e * y + f - 0.5
+
+
+@pytest.mark.parametrize("op", ["rotate", "shear_x", "shear_y", "translate_x", "translate_y"])
+def test_geometric_ops_move_pixels_where_pils_do(op):
+    # The expected value of each output pixel is the ramp at PIL's source point (pixels whose source lies
+    # 2 pixels inside the frame: bicubic reads 4x4). OpenCV shears about pixel corners, PIL about pixel
+    # centres: half a pixel times the shear, at most 0.45 grey levels here.
+    clip = ramp_clip()
+    for sign in (1, -1):
+        out = finetune.augment_op(clip.copy(), op, 0.8, sign).astype(float)
+        sx, sy = pil_source(op, 0.8, sign)
+        inside = (sx >= 2) & (sx <= 29) & (sy >= 2) & (sy <= 29)
+        assert inside.sum() > 300 and (~inside).sum() > 100  # every op at 0.8 moves pixels out of the frame
+        for t in range(2):
+            for c in range(3):
+                expected = 3 * sx + 2 * sy + 40 + 10 * c + 9 * t
+                assert np.abs(out[t, ..., c] - expected)[inside].max() <= 1.5, (op, sign, t, c)
+        far = (sx < -3) | (sx > 34) | (sy < -3) | (sy > 34)  # well outside: timm's grey fill
+        assert far.any() and (out[:, far] == 128).all(), (op, sign)
+
+
+def colour_clip():
+    """Two frames of coloured noise, the second brighter: per-frame and per-clip statistics differ, and so
+    do the channels."""
+    rng = np.random.default_rng(3)
+    first = rng.integers(30, 120, (24, 24, 3)) * np.array([1.0, 0.6, 0.3])
+    second = rng.integers(90, 250, (24, 24, 3)) * np.array([0.5, 1.0, 0.8])
+    return np.stack([first, second]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("op", ["color", "contrast", "brightness", "sharpness"])
+def test_enhance_ops_blend_with_pils_degenerate_image(op):
+    # PIL's ImageEnhance: factor * image + (1 - factor) * degenerate; factor 1 +- 0.9 mag (-inc1) or
+    # 0.1 + 1.8 mag. The degenerate image: each pixel's grey (color), the whole clip's mean grey (contrast),
+    # black (brightness), the 3x3 SMOOTH filter of each frame (sharpness; PIL leaves its border, so the
+    # border is compared below on flat frames only).
+    clip = colour_clip()
+    x = clip.astype(float)
+    grey = x @ [0.299, 0.587, 0.114]  # ITU-R 601, PIL's "L"
+    if op == "color":
+        degenerate = np.repeat(grey[..., None], 3, -1)
+    elif op == "contrast":
+        degenerate = np.full_like(x, int(grey.mean() + 0.5))
+    elif op == "brightness":
+        degenerate = np.zeros_like(x)
+    else:
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        window = sum(padded[:, 1 + dy:25 + dy, 1 + dx:25 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        degenerate = (window + 4 * x) / 13  # weights 1, centre 5
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    for mag, sign, inc, factor in [(0.5, 1, True, 1.45), (0.5, -1, True, 0.55), (0.25, 1, False, 0.55)]:
+        out = finetune.augment_op(clip.copy(), op, mag, sign, inc).astype(float)
+        expected = np.clip(factor * x + (1 - factor) * degenerate, 0, 255)
+        assert np.abs(out - expected)[inner].max() <= 1.01, (op, sign, inc)
+    flat = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (20, 200)])  # two flat frames
+    if op == "sharpness":  # smoothing each frame alone leaves a flat frame flat, its border too
+        assert np.array_equal(finetune.augment_op(flat.copy(), op, 0.5), flat)
+
+
+def pil_equalize(channel):
+    """PIL's ImageOps.equalize lookup table for one channel's values, written out as PIL does (Image.point
+    clips the table to 0..255)."""
+    h = np.bincount(channel.ravel(), minlength=256)
+    used = h[h > 0]
+    step = (used.sum() - used[-1]) // 255
+    if len(used) <= 1 or step == 0:
+        return np.arange(256)
+    lut, n = [], step // 2
+    for i in range(256):
+        lut.append(min(n // step, 255))
+        n += h[i]
+    return np.array(lut)
+
+
+def test_histogram_ops_map_every_frame_by_the_clips_statistics():
+    # autocontrast stretches each channel's [min, max] over the clip to [0, 255] (PIL truncates), equalize
+    # flattens each channel's histogram over the clip; every frame gets the same mapping.
+    clip = colour_clip()
+    out = finetune.augment_op(clip.copy(), "autocontrast", 0.5)
+    for c in range(3):
+        lo, hi = int(clip[..., c].min()), int(clip[..., c].max())
+        expected = np.floor((clip[..., c].astype(float) - lo) * 255 / (hi - lo))
+        assert np.abs(out[..., c] - expected).max() <= 1 and out[..., c].min() == 0 and out[..., c].max() == 255
+        assert (clip[0, ..., c].min(), clip[0, ..., c].max()) != (lo, hi)  # the first frame's range is another
+    out = finetune.augment_op(clip.copy(), "equalize", 0.5)
+    for c in range(3):
+        assert np.array_equal(out[..., c], pil_equalize(clip[..., c])[clip[..., c]]), c
+        assert not np.array_equal(pil_equalize(clip[..., c]), pil_equalize(clip[:1, ..., c]))
+
+
+def test_rand_augment_draws_ops_magnitudes_and_signs_as_timm(monkeypatch):
+    # timm's RandAugment: num_ops ops drawn uniformly with replacement, each applied with probability 0.5 at a
+    # magnitude ~ N(m, mstd) clipped to [0, 10], divided by 10, with a random sign; -inc1 passed on.
+    calls = []
+    monkeypatch.setattr(finetune, "augment_op",
+                        lambda clip, op, mag, sign=1, inc=True: calls.append((op, mag, sign, inc)) or clip)
+    rng, clip = np.random.default_rng(0), np.zeros((1, 4, 4, 3), np.uint8)
+    for _ in range(1000):
+        finetune.rand_augment(clip, rng, 7, 4, 0.5, True)
+    assert abs(len(calls) / 4000 - 0.5) < 0.03  # 4 ops a clip, each with p 0.5
+    counts = __import__("collections").Counter(op for op, *_ in calls)
+    assert set(counts) == set(finetune.RAND_OPS) and max(counts.values()) < 2 * min(counts.values())
+    mags = np.array([mag for _, mag, _, _ in calls])
+    assert abs(mags.mean() - 0.7) < 0.006 and abs(mags.std() - 0.05) < 0.006
+    signs = np.array([sign for _, _, sign, _ in calls])
+    assert set(signs.tolist()) == {1, -1} and abs((signs == 1).mean() - 0.5) < 0.05
+    assert {inc for *_, inc in calls} == {True}
+    calls.clear()
+    for _ in range(300):
+        finetune.rand_augment(clip, rng, 10, 2, 5.0, False)
+    mags = np.array([mag for _, mag, _, _ in calls])
+    assert mags.min() >= 0 and mags.max() == 1.0 and 0.35 < (mags == 1.0).mean() < 0.65  # clipped at 10
+    assert {inc for *_, inc in calls} == {False}
+    erased = []
+    monkeypatch.setattr(finetune, "random_erase", lambda clip, rng: erased.append(1))
+    for _ in range(1000):
+        finetune.augment_clip(clip, rng, None, reprob=0.25)
+    assert abs(len(erased) / 1000 - 0.25) < 0.04
 
 
 def test_random_erase():
@@ -1310,6 +1666,12 @@ def test_pretrain_end_to_end_and_resume_matches_an_uninterrupted_run(tmp_path, t
     for key in ("loss", "lr", "clips_per_s", "data_wait", "peak_mem_mb", "substituted"):
         assert all(key in r for r in log[1:])
     assert all(math.isfinite(r["loss"]) for r in log[1:]) and log[-1]["loss"] < log[1]["loss"]
+    # the lr of each step (the log keeps an epoch's last, step 3 of 4): warmup over epoch 0, then the cosine
+    lr, min_lr = 0.05 * 2 / 256, 1e-5 * 2 / 256
+    expected = [lr * 0.75] + [min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (e - 0.25) / 3)) / 2 for e in (1, 2, 3)]
+    assert [r["lr"] for r in log[1:]] == pytest.approx(expected, rel=1e-9)
+    final = torch.load(out / "checkpoint-latest.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in final] == pytest.approx([expected[-1]] * len(final), rel=1e-9)  # AdamW's own
     for r in log[1:]:  # every epoch is numbered here (--save_ckpt_freq 1): held-out figures on the 5 val.txt videos
         assert 0 < r["recon_val"] and 0 < r["recon_val_mean_visible"] and 0 < r["recon_val_nearest_visible"]
         assert r["knn_top1"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -1386,6 +1748,11 @@ def test_finetune_learns_six_classes_resumes_with_the_checkpoints_sizes_and_eval
     assert test["num_videos"] == 6 and test["views"] == 6 and test["unreadable"] == 0
     assert test["top1"] == 1.0 and test["mean_class_acc"] == 1.0 and test["top5"] == 1.0
     assert (out / "confusion.png").exists() and all("val_top1" in r for r in read_log(out)[1:-1])
+    # AdamW's groups: layer-wise decay 0.75 (the K400 recipe) over the tiny preset's 12 blocks, scales 0.75^13
+    # (patch embedding) to 1 (head); each group's lr is the schedule's times its scale
+    groups = torch.load(out / "checkpoint-latest.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx(sorted(0.75 ** k for k in range(14)))
+    assert all(g["lr"] == pytest.approx(read_log(out)[-2]["lr"] * g["lr_scale"]) for g in groups)
     # --eval in the training run's folder: its lines are appended, the record and the picture stay as they were
     record, picture = (out / "log.jsonl").read_text(), (out / "confusion.png").read_bytes()
     ckpt = str(out / "checkpoint-latest.pth")
@@ -1435,6 +1802,31 @@ def test_predict_names_the_classes_and_agrees_with_the_export(tmp_path, two_clas
     assert [r["video"] for r in rows] == videos and "error" in rows[1]
     assert [rows[0]["top5"][0][0], rows[2]["top5"][0][0]] == ["dark", "bright"]
     assert all(math.isclose(sum(p for _, p in r["top5"]), 1, rel_tol=1e-5) for r in (rows[0], rows[2]))  # 2 classes
+    # the views, counted and averaged: each video's probabilities are its softmax averaged over the 2 segments x
+    # 3 crops that the test cuts, here of a model whose views disagree (its head over 3 classes reads the three
+    # directions in which the features of the 12 views differ most)
+    cut = {video: data.VideoDataset([(video, 0)], "test", 4, 2, 32, test_num_segment=2, test_num_crop=3)._load(0)
+           for video in videos[::2]}
+    net = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=3).eval()
+    with torch.no_grad():
+        features = net.fc_norm(net.features(data.normalize(torch.from_numpy(np.concatenate(list(cut.values()))))))
+        _, spread, directions = torch.linalg.svd(features - features.mean(0), full_matrices=False)
+        net.head.weight.copy_(directions[:3] / spread[:3, None] * 3 * math.sqrt(len(features)))  # logits' std 3
+        net.head.bias.copy_(-net.head.weight @ features.mean(0))
+    config = {"model": "tiny", "input_size": 32, "num_frames": 4, "sampling_rate": 2, "classes": ["x", "y", "z"]}
+    torch.save({"model": net.state_dict(), "config": config, "epoch": 0}, tmp_path / "random.pth")
+    clips_seen, forward = [], MD.VideoViT.forward
+    monkeypatch.setattr(MD.VideoViT, "forward", lambda net, video: clips_seen.append(len(video)) or forward(net, video))
+    rows_random, _ = predict(tmp_path / "random.pth", tmp_path / "predict-random")
+    monkeypatch.setattr(MD.VideoViT, "forward", forward)
+    assert sum(clips_seen) == 2 * 6  # the 2 readable videos
+    for row, video in zip(rows_random[::2], videos[::2]):
+        with torch.no_grad():
+            probs = net(data.normalize(torch.from_numpy(cut[video]))).softmax(-1)
+        assert (probs - probs.mean(0)).abs().max() > 0.05  # the views disagree: no single view would do
+        top = probs.mean(0).sort(descending=True)
+        assert [name for name, _ in row["top5"]] == [config["classes"][c] for c in top.indices.tolist()]
+        np.testing.assert_allclose([p for _, p in row["top5"]], top.values.tolist(), rtol=1e-5)
     # exported to HuggingFace's layout: the sizes and id2label come from its config.json, the predictions agree
     exported = W.export_huggingface(out / "checkpoint-latest.pth", tmp_path / "hf")[1]
     rows_hf, printed = predict(exported, tmp_path / "predict-hf")
@@ -1963,6 +2355,10 @@ def test_accumulation_is_a_doubled_batch_and_fp16_clips_the_unscaled_gradient(tm
     assert read_log(tmp_path / "batch4")[-1]["lr"] == pytest.approx(0.05 * 4 / 256)  # no warmup
     for k in a["model"]:  # AdamW's one step moves nearly every weight by about lr = 7.8e-4: the same steps
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=5e-5)
+    for k, state in a["optimizer"]["state"].items():  # the first moment is 0.1 x the gradient: the same gradient
+        torch.testing.assert_close(state["exp_avg"], b["optimizer"]["state"][k]["exp_avg"], rtol=1e-3, atol=1e-9)
+    losses = [read_log(tmp_path / d)[-1]["loss"] for d in ("batch4", "accum2")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the mean over the clips of the step, either way
     assert [read_log(tmp_path / d)[-1]["clips_per_step"] for d in ("batch4", "accum2")] == [4, 4]
     norms, dtypes = [], set()
 
@@ -1983,6 +2379,12 @@ def test_accumulation_is_a_doubled_batch_and_fp16_clips_the_unscaled_gradient(tm
     assert torch.float16 in dtypes and len(norms) == 1 and norms[0] <= 0.01 * 1.001  # unscaled, then clipped
     c = torch.load(tmp_path / "fp16" / "checkpoint-latest.pth", weights_only=True)
     assert c["scaler"]["scale"] > 1 and math.isfinite(read_log(tmp_path / "fp16")[-1]["loss"])
+    # what AdamW applied: after one step its first moment is 0.1 x the gradient it was given, so that gradient
+    # had the clipped norm 0.01 (not 0.01 / scale: clipped before unscaling; not more: not clipped)
+    exp_avg = [state["exp_avg"].float() for state in c["optimizer"]["state"].values()]
+    unclipped = [state["exp_avg"] for state in a["optimizer"]["state"].values()]
+    assert torch.linalg.vector_norm(torch.stack([m.norm() for m in exp_avg])).item() == pytest.approx(1e-3, rel=1e-2)
+    assert torch.linalg.vector_norm(torch.stack([m.norm() for m in unclipped])).item() > 1e-2  # a real clip
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
@@ -1996,6 +2398,12 @@ def torchrun(script, *argv, cwd):
     return done.stdout
 
 
+def checksum(path):
+    """The checksum a torchrun test's processes write, of a checkpoint's weights."""
+    tensors = torch.load(path, weights_only=True)["model"].values()
+    return __import__("hashlib").sha256(b"".join(t.contiguous().numpy().tobytes() for t in tensors)).hexdigest()
+
+
 def test_torchrun_two_cpu_processes_pretrain_resume_from_rank_0s_disk_and_count_every_test_video_once(
         tmp_path, two_classes):
     # Two nodes, a disk each: only rank 0 writes checkpoints, so after epoch 0 rank 1's folder is empty. Rank 0
@@ -2006,10 +2414,13 @@ def test_torchrun_two_cpu_processes_pretrain_resume_from_rank_0s_disk_and_count_
     script = tmp_path / "a_disk_per_node.py"
     script.write_text(f"""import os, sys
 sys.path.insert(0, {here!r})
-import engine, pretrain, torch
+import engine, hashlib, pretrain, torch
 rank, close = os.environ["RANK"], engine.Run.close
-def keep(run):
+def keep(run):  # each process keeps its optimizer's state and a checksum of the weights it ends with
     torch.save(run.optimizer.state_dict(), {str(tmp_path)!r} + f"/adamw{{rank}}.pt")
+    tensors = run.net.state_dict().values()
+    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors))
+    open({str(tmp_path)!r} + f"/weights-rank{{rank}}.txt", "w").write(digest.hexdigest())
     close(run)
 engine.Run.close = keep
 pretrain.main(sys.argv[1:] + ["--output_dir", {str(pre)!r} if rank == "0" else {str(other_disk)!r}])
@@ -2024,6 +2435,9 @@ pretrain.main(sys.argv[1:] + ["--output_dir", {str(pre)!r} if rank == "0" else {
     for k, state in adamw[0].items():  # the same state on both: the steps of epoch 0 included (2 an epoch)
         assert state["step"] == adamw[1][k]["step"] == 4
         assert torch.equal(state["exp_avg_sq"], adamw[1][k]["exp_avg_sq"])
+    # one model: both processes end with the weights of the checkpoint, which moved since epoch 0's
+    ends = [(tmp_path / f"weights-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert ends == [checksum(pre / "checkpoint-latest.pth")] * 2 != [checksum(pre / "checkpoint-0000.pth")] * 2
     classifier = MD.build_model("finetune", "tiny", img_size=32, num_frames=4, num_classes=2)
     W.load_checkpoint(classifier, pre / "checkpoint-latest.pth", verbose=False)  # a head saved with it: --eval
     # refuses to test one that would start at random
@@ -2127,9 +2541,17 @@ def test_pretraining_crops_average_when_they_shrink():
     assert np.abs(out[0] - blocks).max() <= 0.5 + 1e-6
     data._render({0: frame}, [0], (0, 0, 48, 48), 16, False, out)  # bilinear samples each block's centre pixel
     assert np.array_equal(out[0], frame[1::3, 1::3, ::-1])
+    data._render({0: frame}, [0], (0, 0, 48, 48), 16, True, out)  # flipped: each frame mirrored left to right
+    assert np.array_equal(out[0], frame[1::3, 1::3, ::-1][:, ::-1])
     small = np.empty((1, 64, 64, 3), np.uint8)
     data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small, area=True)  # enlarging: bilinear either way
     assert np.array_equal(small, data._render({0: frame}, [0], (0, 0, 48, 48), 64, False, small.copy()))
+
+
+def test_numbered_checkpoints_every_save_ckpt_freq_epochs_and_the_last():
+    from types import SimpleNamespace
+    run = SimpleNamespace(args=SimpleNamespace(save_ckpt_freq=25, epochs=60))
+    assert [e for e in range(60) if engine.Run.numbered(run, e)] == [24, 49, 59]
 
 
 def parsed_args(script, argv, monkeypatch):
