@@ -5,7 +5,6 @@ import argparse
 import json
 import math
 import os
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +18,8 @@ import mask as masks
 import model as models
 import plots
 from engine import all_sum, autocast, lr_at
-from weights import atomic_write, load_pretraining, write_png
+from weights import (DECODER_KEYS, CheckpointError, atomic_write, canonical_weights,
+                     checkpoint_config, load_checkpoint, read_file, write_png)
 
 
 # ------------------------------------------------------------------------ every view of every video
@@ -104,6 +104,33 @@ def predict_and_score(net, dataset, args, ctx, want_probs=False):
     if want_probs:
         return scores, probs.argmax(1), labels
     return scores
+
+
+def predict_videos(net, dataset, names, args, ctx):
+    """--predict: each video's top-5 classes by name, from its views' averaged softmax; printed and
+    written to predictions.jsonl. An unreadable video gets one line; the others still run."""
+    net.eval()
+    records = []
+    for i, (video, _) in enumerate(dataset.samples):
+        try:
+            views = torch.from_numpy(dataset._load(i))  # (V, T, H, W, 3); raises, never substitutes
+        except data.VideoReadError as error:
+            ctx.print(f"{error}; skipped")
+            records.append({"video": video, "error": str(error)})
+            continue
+        with torch.no_grad(), autocast(args, ctx):
+            logits = torch.cat([net(data.normalize(v.to(ctx.device)))
+                                for v in views.split(args.batch_size)])
+        probs = logits.float().softmax(-1).mean(0)  # the views' probabilities averaged
+        top = probs.topk(min(5, len(probs)))
+        top5 = [[class_name(names, c), p] for p, c in zip(top.values.tolist(), top.indices.tolist())]
+        ctx.print(f"{video}: " + ", ".join(f"{name} {p:.1%}" for name, p in top5))
+        records.append({"video": video, "top5": top5})
+    path = os.path.join(args.output_dir, "predictions.jsonl")
+    os.makedirs(args.output_dir, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    ctx.print(f"wrote {path}")
 
 
 def multi_view_test(net, dataset, args, ctx, run, classes):
@@ -257,29 +284,6 @@ def features_and_linear_probe(encoder, splits, args, ctx, run):
 
 # ------------------------------------------------------------- a pre-training model: reconstruction
 
-def trivial_predictions(target, mask, grid):
-    """What the visible tokens give away without any learning, the yardsticks of the reconstruction
-    loss: for the hidden tokens of each clip, 'mean_visible' fills every one with the mean of the
-    clip's visible pixels (per channel); 'nearest_visible' copies the nearest visible token of the
-    same time slice (grid distance, ties to the first in token order; the nearest slice if a slice
-    shows none). Random masking leaves a visible neighbour in the next slice of almost every hidden
-    token; tube masking does not (Sec. 3.3). target (B, N, P*C) of every token in the loss's target
-    space, mask (B, N) True = hidden. Returns both as (B, N_hidden, P*C)."""
-    B, N, D = target.shape
-    pixels = target.view(B, N, -1, 3)  # (B, N, P, C), channel fastest
-    visible = ~mask
-    visible_pixels = visible.sum(1)[:, None] * pixels.shape[2]  # (B, 1)
-    mean = (pixels * visible[..., None, None]).sum(dim=(1, 2)) / visible_pixels  # (B, C)
-    mean_visible = mean[:, None, None, :].expand_as(pixels).reshape(B, N, D)
-    t, h, w = torch.meshgrid(*(torch.arange(s, device=target.device) for s in grid), indexing="ij")
-    slices_apart = grid[1] + grid[2]  # farther than any two tokens of one slice
-    coords = torch.stack([t.flatten() * slices_apart, h.flatten(), w.flatten()], 1).float()
-    dist = torch.cdist(coords, coords)[None].expand(B, N, N)  # coords (N, 3)
-    dist = dist.masked_fill(mask[:, None, :], float("inf"))
-    source = dist.argmin(dim=2)  # (B, N): the nearest visible token of each token
-    nearest_visible = torch.gather(target, 1, source[..., None].expand(B, N, D))
-    return mean_visible[mask].view(B, -1, D), nearest_visible[mask].view(B, -1, D)
-
 
 def yardsticks(net, video, mask):
     """The losses of the two trivial predictors on the hidden tokens of normalised clips (B, 3, T,
@@ -288,7 +292,7 @@ def yardsticks(net, video, mask):
     patches = models.patchify(video, enc.tubelet_size, enc.patch_size).float()
     target = models.reconstruction_target(patches, net.norm_pix_loss)
     hidden = models.gather(target, models.split_tokens(mask)[1])  # (B, N_hid, P*C)
-    mean_visible, nearest_visible = trivial_predictions(target, mask, enc.grid)
+    mean_visible, nearest_visible = masks.trivial_predictions(target, mask, enc.grid)
     return [F.mse_loss(mean_visible, hidden).item(), F.mse_loss(nearest_visible, hidden).item()]
 
 
@@ -359,6 +363,57 @@ def reconstruction_png(net, clip, args, ctx, path):
     return [loss.item(), *yardsticks(net, video, mask)]
 
 
+_WIDTHS = ("embed_dim", "depth", "decoder_embed_dim", "decoder_depth")  # what its tensors show
+
+
+_TAKEN = ("input_size", "num_frames", "sampling_rate", "mask_ratio", "no_norm_pix_loss")
+
+
+def _sizes_text(sizes):
+    return "encoder {} wide, {} blocks; decoder {} wide, {} blocks".format(*sizes)
+
+
+def pretraining_config(path, preset=None):
+    """What --init and --reconstruct need of a pre-training checkpoint (any format load_checkpoint
+    reads): 'model', the preset of its tensors' sizes, and what its configuration says (this
+    project's, the reference's saved flags, or config.json beside HuggingFace weights) of _TAKEN.
+    CheckpointError, one line: no checkpoint, no decoder (a classifier's), sizes of no preset or
+    not of `preset`."""
+    ckpt = read_file(path)
+    sd = canonical_weights(ckpt)
+    if not any(k.startswith(DECODER_KEYS) for k in sd):
+        raise CheckpointError(f"{path} has no decoder, only an encoder (a fine-tuned classifier?): "
+                         f"give pre-training weights, encoder and decoder")
+
+    def blocks(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    widths = [sd[k].shape[0] if k in sd else None
+              for k in ("encoder.patch_embed.proj.weight", "encoder_to_decoder.weight")]
+    sizes = (widths[0], blocks("encoder.blocks."), widths[1], blocks("decoder.blocks."))
+    found = [name for name, p in models.PRESETS.items() if sizes == tuple(p[k] for k in _WIDTHS)]
+    if not found:
+        raise CheckpointError(f"{path}: {_sizes_text(sizes)}: no preset of model.py has these sizes")
+    if preset and found[0] != preset:
+        wanted = _sizes_text([models.PRESETS[preset][k] for k in _WIDTHS])
+        raise CheckpointError(f"{path} holds a '{found[0]}' model ({_sizes_text(sizes)}), this run "
+                         f"builds '{preset}' ({wanted}): give --model {found[0]}")
+    saved = ckpt.get("args")  # the reference's flags, an argparse.Namespace
+    saved = dict(vars(saved)) if isinstance(saved, argparse.Namespace) else checkpoint_config(path)
+    if "normlize_target" in saved:  # the reference's spelling of the normalised-pixel target
+        saved["no_norm_pix_loss"] = not saved["normlize_target"]
+    return {"model": found[0], **{k: saved[k] for k in _TAKEN if saved.get(k) is not None}}
+
+
+def load_pretraining(net, path):
+    """Every tensor of the VideoMAE `net`, encoder and decoder, from a checkpoint that
+    pretraining_config accepted (load_checkpoint refuses one that would leave any at random);
+    returns the line that says so."""
+    load_checkpoint(net, path, verbose=False)
+    total = len(net.state_dict())
+    return f"loaded {total}/{total} tensors, encoder and decoder, from {path}"
+
+
 def reconstruct(args, ctx):
     """--reconstruct: the centre clip of each video (the test's middle clip, centre crop) through
     the pre-training model of --init, masked as the pictures of pre-training are: recon-NAME.png in
@@ -390,64 +445,3 @@ def reconstruct(args, ctx):
         model_loss, mean_loss, nearest_loss = reconstruction_png(net, clip, args, ctx, path)
         ctx.print(f"{video}: reconstruction loss {model_loss:.4f}, mean of visible "
                   f"{mean_loss:.4f}, nearest visible {nearest_loss:.4f}; {path}")
-
-
-
-# ----------------------------------------------------------------- the data-efficiency study (README)
-
-def efficiency(study_dir, pretrain_dir):
-    """The data-efficiency study from its runs' logs (the README's command): the held-out top-1 of
-    each start (from scratch, VideoMAE) and number of labelled videos a class, seeds as points; and,
-    against the pre-training epoch, the k-NN probe that pre-training logged beside the top-1 of 10
-    labelled videos a class fine-tuned from each numbered checkpoint. Prints both tables, writes
-    efficiency.png into study_dir."""
-    by_labels, by_epoch = {}, {}
-    for log in sorted(Path(study_dir).glob("*/log.jsonl")):
-        records = [json.loads(line) for line in log.read_text().splitlines()]
-        tests = [r["test"]["top1"] for r in records if "test" in r]
-        if not tests:
-            continue  # a run that did not finish
-        config = records[0]["config"]
-        numbered = re.search(r"checkpoint-(\d+)\.pth$", config["finetune"])
-        if numbered:  # the curve: from the checkpoint after this epoch
-            by_epoch.setdefault(int(numbered[1]) + 1, []).append(tests[-1])
-        else:
-            start = "from scratch" if config["finetune"] == "none" else "VideoMAE"
-            by_labels.setdefault(start, {}).setdefault(config["per_class"], []).append(tests[-1])
-    by_labels = {start: by_labels[start] for start in ("from scratch", "VideoMAE") if start in by_labels}
-    print("| labelled videos a class | " + " | ".join(f"{s}, seeds | mean" for s in by_labels) + " |")
-    print("|---" * (1 + 2 * len(by_labels)) + "|")
-    for n in sorted({n for runs in by_labels.values() for n in runs}, reverse=True):
-        cells = []
-        for runs in by_labels.values():
-            top1 = runs.get(n, [])
-            cells.append(" / ".join(f"{t:.1%}" for t in top1) + f" | {np.mean(top1):.1%}")
-        print(f"| {n} | " + " | ".join(cells) + " |")
-    knn = {}
-    pretrain_log = Path(pretrain_dir) / "log.jsonl"
-    for r in map(json.loads, pretrain_log.read_text().splitlines()):
-        if "knn_top1" in r:
-            knn[r["epoch"] + 1] = r["knn_top1"]
-    print("\n| pre-training epochs | k-NN top-1 | 10 labelled videos a class, top-1 |\n|---|---|---|")
-    for epoch in sorted(set(knn) | set(by_epoch)):
-        tuned = " / ".join(f"{t:.1%}" for t in by_epoch.get(epoch, [])) or "-"
-        probe = f"{knn[epoch]:.1%}" if epoch in knn else "-"
-        print(f"| {epoch} | {probe} | {tuned} |")
-    labels = {}
-    for start, runs in by_labels.items():
-        labels[start] = [(n, t) for n, top1 in runs.items() for t in top1]
-    epochs = {"k-NN probe, frozen encoder": list(knn.items())}
-    if by_epoch:
-        epochs["fine-tuned, 10 a class"] = [(e, t) for e, top1 in by_epoch.items() for t in top1]
-    panels = [plots.chart(labels, "held-out top-1", "labelled videos a class", percent=True),
-              plots.chart(epochs, "against pre-training epochs", "pre-training epoch", percent=True)]
-    path = Path(study_dir) / "efficiency.png"
-    write_png(path, np.hstack(panels))
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Summarise the data-efficiency study (README).")
-    parser.add_argument("--efficiency", nargs=2, metavar=("STUDY_DIR", "PRETRAIN_DIR"), required=True,
-                        help="the folder of the study's fine-tuning runs, and the pre-training run's")
-    efficiency(*parser.parse_args().efficiency)

@@ -15,10 +15,8 @@ here), classifies them from the mean of the encoder's tokens, and descends the c
 smoothed labels. Checkpoints, resuming and the log work as in pretrain.py.
 """
 import functools
-import json
 import os
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -29,7 +27,7 @@ import data
 import engine
 import evaluate
 import model as models
-from weights import (CheckpointError, RunFolder, atomic_write, canonical_weights, checkpoint_config,
+from weights import (CheckpointError, RunFolder, canonical_weights, checkpoint_config,
                      from_main, listed, load_checkpoint, read_file)
 
 # The reference's fine-tuning recipes (github.com/MCG-NJU/VideoMAE scripts/<data set>/
@@ -262,32 +260,9 @@ def predict(args, ctx):
                               f"fine-tune it first with --finetune {weights}, then predict")
     args.nb_classes = len(head)
     net, saved = build_classifier(args, weights, ctx)
-    net.eval()
-    names = saved.get("classes") or []
     videos = [(video, -1) for video in args.predict]
     dataset = test_dataset(videos, args, args.test_num_segment, args.test_num_crop)
-    records = []
-    for i, video in enumerate(args.predict):
-        try:
-            views = torch.from_numpy(dataset._load(i))  # (V, T, H, W, 3); raises, never substitutes
-        except data.VideoReadError as error:
-            ctx.print(f"{error}; skipped")
-            records.append({"video": video, "error": str(error)})
-            continue
-        with torch.no_grad(), engine.autocast(args, ctx):
-            logits = torch.cat([net(data.normalize(v.to(ctx.device)))
-                                for v in views.split(args.batch_size)])
-        probs = logits.float().softmax(-1).mean(0)  # the views' probabilities averaged
-        top = probs.topk(min(5, args.nb_classes))
-        top5 = [[evaluate.class_name(names, c), p]
-                for p, c in zip(top.values.tolist(), top.indices.tolist())]
-        ctx.print(f"{video}: " + ", ".join(f"{name} {p:.1%}" for name, p in top5))
-        records.append({"video": video, "top5": top5})
-    path = os.path.join(args.output_dir, "predictions.jsonl")
-    os.makedirs(args.output_dir, exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    ctx.print(f"wrote {path}")
+    evaluate.predict_videos(net, dataset, saved.get("classes") or [], args, ctx)
 
 
 # ----------------------------------------------------------------- mixup / cutmix with soft targets

@@ -57,6 +57,30 @@ def running_cell_mask(batch_size, grid, ratio=0.5, generator=None, device=None):
     return (slot < hidden_per_cell).reshape(batch_size, t * h * w)
 
 
+def trivial_predictions(target, mask, grid):
+    """What the visible tokens give away without any learning, the yardsticks of the reconstruction
+    loss: for the hidden tokens of each clip, 'mean_visible' fills every one with the mean of the
+    clip's visible pixels (per channel); 'nearest_visible' copies the nearest visible token of the
+    same time slice (grid distance, ties to the first in token order; the nearest slice if a slice
+    shows none). Random masking leaves a visible neighbour in the next slice of almost every hidden
+    token; tube masking does not (Sec. 3.3). target (B, N, P*C) of every token in the loss's target
+    space, mask (B, N) True = hidden. Returns both as (B, N_hidden, P*C)."""
+    B, N, D = target.shape
+    pixels = target.view(B, N, -1, 3)  # (B, N, P, C), channel fastest
+    visible = ~mask
+    visible_pixels = visible.sum(1)[:, None] * pixels.shape[2]  # (B, 1)
+    mean = (pixels * visible[..., None, None]).sum(dim=(1, 2)) / visible_pixels  # (B, C)
+    mean_visible = mean[:, None, None, :].expand_as(pixels).reshape(B, N, D)
+    t, h, w = torch.meshgrid(*(torch.arange(s, device=target.device) for s in grid), indexing="ij")
+    slices_apart = grid[1] + grid[2]  # farther than any two tokens of one slice
+    coords = torch.stack([t.flatten() * slices_apart, h.flatten(), w.flatten()], 1).float()
+    dist = torch.cdist(coords, coords)[None].expand(B, N, N)  # coords (N, 3)
+    dist = dist.masked_fill(mask[:, None, :], float("inf"))
+    source = dist.argmin(dim=2)  # (B, N): the nearest visible token of each token
+    nearest_visible = torch.gather(target, 1, source[..., None].expand(B, N, D))
+    return mean_visible[mask].view(B, -1, D), nearest_visible[mask].view(B, -1, D)
+
+
 MASKS = {"tube": tube_mask, "random": random_mask}
 
 

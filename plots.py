@@ -7,9 +7,11 @@ confusion          a confusion matrix: named classes, each cell's share, the mos
 film_strip         rows of frames one above the other, with a caption (the reconstruction pictures)
 make_demo_dataset  the demo set: videos that demo_frames draws, and their list files
 """
+import argparse
 import json
 import math
 import os
+import re
 import shutil
 import textwrap
 import uuid
@@ -94,6 +96,20 @@ def chart(series, title, xlabel="epoch", percent=False, legend=True, W=360, H=25
     put(img, xlabel, (left + W - right) / 2, H - 6, align=0.5)
     put(img, title, left, top - 12, scale=0.45)
     return img
+
+
+CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
+          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, if logged
+
+
+def curves(records):
+    """curves.png of a run: one panel for each figure of CURVES that its log records hold."""
+    panels = []
+    for key, title in CURVES.items():
+        points = [(r["epoch"], r[key]) for r in records if key in r]
+        if points:
+            panels.append(line_chart(points, title, percent=key.endswith("top1")))
+    return np.hstack(panels)
 
 
 def _cell_colour(share):
@@ -263,3 +279,65 @@ def make_demo_dataset(root="data/demo", num_classes=6, videos_per_class=70, val_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# ----------------------------------------------------------------- the data-efficiency study (README)
+
+def efficiency(study_dir, pretrain_dir):
+    """The data-efficiency study from its runs' logs (the README's command): the held-out top-1 of
+    each start (from scratch, VideoMAE) and number of labelled videos a class, seeds as points; and,
+    against the pre-training epoch, the k-NN probe that pre-training logged beside the top-1 of 10
+    labelled videos a class fine-tuned from each numbered checkpoint. Prints both tables, writes
+    efficiency.png into study_dir."""
+    by_labels, by_epoch = {}, {}
+    for log in sorted(Path(study_dir).glob("*/log.jsonl")):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        tests = [r["test"]["top1"] for r in records if "test" in r]
+        if not tests:
+            continue  # a run that did not finish
+        config = records[0]["config"]
+        numbered = re.search(r"checkpoint-(\d+)\.pth$", config["finetune"])
+        if numbered:  # the curve: from the checkpoint after this epoch
+            by_epoch.setdefault(int(numbered[1]) + 1, []).append(tests[-1])
+        else:
+            start = "from scratch" if config["finetune"] == "none" else "VideoMAE"
+            by_labels.setdefault(start, {}).setdefault(config["per_class"], []).append(tests[-1])
+    by_labels = {start: by_labels[start] for start in ("from scratch", "VideoMAE") if start in by_labels}
+    print("| labelled videos a class | " + " | ".join(f"{s}, seeds | mean" for s in by_labels) + " |")
+    print("|---" * (1 + 2 * len(by_labels)) + "|")
+    for n in sorted({n for runs in by_labels.values() for n in runs}, reverse=True):
+        cells = []
+        for runs in by_labels.values():
+            top1 = runs.get(n, [])
+            cells.append(" / ".join(f"{t:.1%}" for t in top1) + f" | {np.mean(top1):.1%}")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    knn = {}
+    pretrain_log = Path(pretrain_dir) / "log.jsonl"
+    for r in map(json.loads, pretrain_log.read_text().splitlines()):
+        if "knn_top1" in r:
+            knn[r["epoch"] + 1] = r["knn_top1"]
+    print("\n| pre-training epochs | k-NN top-1 | 10 labelled videos a class, top-1 |\n|---|---|---|")
+    for epoch in sorted(set(knn) | set(by_epoch)):
+        tuned = " / ".join(f"{t:.1%}" for t in by_epoch.get(epoch, [])) or "-"
+        probe = f"{knn[epoch]:.1%}" if epoch in knn else "-"
+        print(f"| {epoch} | {probe} | {tuned} |")
+    labels = {}
+    for start, runs in by_labels.items():
+        labels[start] = [(n, t) for n, top1 in runs.items() for t in top1]
+    epochs = {"k-NN probe, frozen encoder": list(knn.items())}
+    if by_epoch:
+        epochs["fine-tuned, 10 a class"] = [(e, t) for e, top1 in by_epoch.items() for t in top1]
+    panels = [chart(labels, "held-out top-1", "labelled videos a class", percent=True),
+              chart(epochs, "against pre-training epochs", "pre-training epoch", percent=True)]
+    path = Path(study_dir) / "efficiency.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")  # written whole, then renamed
+    cv2.imwrite(str(tmp), np.hstack(panels))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Summarise the data-efficiency study (README).")
+    parser.add_argument("--efficiency", nargs=2, metavar=("STUDY_DIR", "PRETRAIN_DIR"), required=True,
+                        help="the folder of the study's fine-tuning runs, and the pre-training run's")
+    efficiency(*parser.parse_args().efficiency)

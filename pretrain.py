@@ -20,7 +20,6 @@ import engine
 import evaluate
 import mask as masks
 import model as models
-import weights
 
 # The reference's pre-training recipes (ViT-B; github.com/MCG-NJU/VideoMAE, scripts/<data set>/
 # ..._epoch_<E>/pretrain.sh), chosen by --recipe (default: the --data_set's own, else K400's) when
@@ -71,7 +70,7 @@ def parse_args(argv=None):
     if args.init:  # refused before any video is read: no file, a classifier, sizes not --model's
         from_checkpoint = args.reconstruct and "model" in args.recipe_defaults
         try:
-            saved = weights.pretraining_config(args.init, None if from_checkpoint else args.model)
+            saved = evaluate.pretraining_config(args.init, None if from_checkpoint else args.model)
         except ValueError as error:
             parser.error(f"--init {error}")
         if args.reconstruct:
@@ -115,7 +114,7 @@ def main(argv=None):
                                   betas=tuple(args.opt_betas), fused=True)
     run = engine.Run(args, ctx, net, optimizer, dataset)  # the output folder; resumes if it can
     if args.init and run.start_epoch == 0:  # existing weights; not a resume: epoch 0, fresh AdamW
-        ctx.print(f"--init: {weights.load_pretraining(net, args.init)}")
+        ctx.print(f"--init: {evaluate.load_pretraining(net, args.init)}")
     elif args.init:
         ctx.print(f"--init {args.init} not loaded: the run resumes from its own checkpoint")
     model = engine.wrap(net, args, ctx)  # compiled (--compile); DistributedDataParallel (torchrun)

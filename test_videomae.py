@@ -154,12 +154,12 @@ def test_trivial_predictions_on_a_hand_made_clip():
     grid = (2, 2, 2)  # 8 tokens of one pixel and 3 channels; token k holds (3k, 3k+1, 3k+2)
     target = torch.arange(24, dtype=torch.float).view(1, 8, 3)
     hidden = torch.tensor([[True, False, False, True, True, True, True, False]])  # visible: 1, 2 and 7
-    mean_visible, nearest_visible = evaluate.trivial_predictions(target, hidden, grid)
+    mean_visible, nearest_visible = M.trivial_predictions(target, hidden, grid)
     assert torch.equal(mean_visible, torch.tensor([[10.0, 11.0, 12.0]]).expand(1, 5, 3))  # (3+6+21)/3, ...
     # slice 0: tokens 0 and 3 are one step from 1 and from 2 (the first wins); slice 1 shows only token 7
     assert torch.equal(nearest_visible, target[:, [1, 1, 7, 7, 7]])
     empty = torch.tensor([[False, False, False, False, True, True, True, True]])  # slice 1 shows nothing
-    assert torch.equal(evaluate.trivial_predictions(target, empty, grid)[1], target[:, [0, 1, 2, 3]])
+    assert torch.equal(M.trivial_predictions(target, empty, grid)[1], target[:, [0, 1, 2, 3]])
 
 
 def test_loss_ignores_visible_tokens():
@@ -741,7 +741,7 @@ def test_reconstruction_scores_are_the_losses_of_the_model_and_of_the_trivial_pr
         video = data.normalize(ds[i][0])  # (1, 3, 4, 32, 32)
         target = scratch_target(video, 2, 8, norm=True)
         hidden = target[m].view(1, -1, 384)
-        mean_visible, nearest_visible = evaluate.trivial_predictions(target, m, GRID)
+        mean_visible, nearest_visible = M.trivial_predictions(target, m, GRID)
         with torch.no_grad():
             losses.append([net(video, m)[0].item(), F.mse_loss(mean_visible, hidden).item(),
                            F.mse_loss(nearest_visible, hidden).item()])
@@ -822,7 +822,7 @@ def test_efficiency_study_summarises_its_runs(tmp_path, capsys):
     (tmp_path / "pre").mkdir()
     knn = [{"config": {}}, {"epoch": 49, "knn_top1": 0.3}, {"epoch": 99, "knn_top1": 0.4}]
     (tmp_path / "pre" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in knn))
-    evaluate.efficiency(study, tmp_path / "pre")
+    plots.efficiency(study, tmp_path / "pre")
     out = capsys.readouterr().out
     assert "| 10 | 50.0% / 70.0% | 60.0% | 90.0% / 100.0% | 95.0% |" in out  # scratch, then VideoMAE
     assert "| 2 | 20.0% / 20.0% | 20.0% | 40.0% / 60.0% | 50.0% |" in out
@@ -1903,7 +1903,7 @@ def test_reconstruct_any_video_from_our_or_huggingfaces_weights(tmp_path, two_cl
     torch.save({"model": MD.build_model("finetune", "tiny", num_classes=2).state_dict()}, vit)
     for argv, message in [(["--init", str(vit)], f"--init {vit} has no decoder, only an encoder"),
                           (["--init", str(tmp_path / "no.pth")], f"--init {tmp_path / 'no.pth'} is not a file"),
-                          (["--init", str(broken)], f"--init {broken} is not a checkpoint that torch can read"),
+                          (["--init", str(broken)], f"--init {broken} is no checkpoint: not written by torch.save, or cut short"),
                           (["--init", str(ckpt), "--model", "small"], "holds a 'tiny' model (encoder 192 wide, 12 "
                            "blocks; decoder 96 wide, 4 blocks), this run builds 'small' (encoder 384 wide"),
                           ([], "--reconstruct needs pre-training weights to draw with: --init PATH")]:

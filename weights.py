@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -71,7 +70,7 @@ _HF_BLOCK = [
 ]
 _HF_QKV = ("attention.attention.query.weight", "attention.attention.key.weight",
            "attention.attention.value.weight")
-_DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
+DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def _rename(key, to_hf):
@@ -125,7 +124,7 @@ def canonical_weights(ckpt):
           for k, v in sd.items() if torch.is_tensor(v)}
     if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
         sd = _convert(sd, to_hf=False)
-    own_prefixes = ("encoder.", "fc_norm.", "head.") + _DECODER_KEYS
+    own_prefixes = ("encoder.", "fc_norm.", "head.") + DECODER_KEYS
     return {(k if k.startswith(own_prefixes) else "encoder." + k): v
             for k, v in sd.items() if "pos_embed" not in k}
 
@@ -205,10 +204,10 @@ def load_checkpoint(model, path_or_state_dict, verbose=True, fresh_head=True):
     own = model.state_dict()
     notes = []
     if isinstance(model, VideoViT):
-        if any(k.startswith(_DECODER_KEYS) for k in sd):
+        if any(k.startswith(DECODER_KEYS) for k in sd):
             notes.append("pre-training decoder ignored")
         sd = {k.removeprefix("encoder."): v
-              for k, v in sd.items() if not k.startswith(_DECODER_KEYS)}
+              for k, v in sd.items() if not k.startswith(DECODER_KEYS)}
         sd.pop("norm.weight", None)  # mean pooling uses fc_norm, not the final norm
         sd.pop("norm.bias", None)
     if ("head.weight" in sd and "head.weight" in own
@@ -261,10 +260,6 @@ def unwritable(folder):
     if there.is_dir() and os.access(there, os.W_OK | os.X_OK):
         return None
     return f"{there} is {'not writable' if there.is_dir() else 'a file'}; choose another folder"
-
-
-CURVES = {"loss": "training loss", "lr": "learning rate", "val_top1": "validation top-1",
-          "knn_top1": "k-NN probe top-1, frozen encoder"}  # what curves.png draws, if logged
 
 
 class RunFolder:
@@ -367,17 +362,11 @@ class RunFolder:
             self.latest_written = self.clock()
 
     def draw_curves(self):
-        """curves.png: one panel for each figure of CURVES that the log holds, against the epoch."""
-        if not self.main:
-            return
-        lines = Path(self.log_path).read_text().splitlines()
-        records = [r for r in map(json.loads, lines) if "epoch" in r]
-        panels = []
-        for key, title in CURVES.items():
-            points = [(r["epoch"], r[key]) for r in records if key in r]
-            if points:
-                panels.append(plots.line_chart(points, title, percent=key.endswith("top1")))
-        write_png(os.path.join(self.dir, "curves.png"), np.hstack(panels))
+        """curves.png: the log's figures against the epoch (plots.curves)."""
+        if self.main:
+            lines = Path(self.log_path).read_text().splitlines()
+            records = [r for r in map(json.loads, lines) if "epoch" in r]
+            write_png(os.path.join(self.dir, "curves.png"), plots.curves(records))
 
 
 def _world():
@@ -400,63 +389,6 @@ def _logged_epoch(line):
     except json.JSONDecodeError:
         return math.inf
 
-
-# ----------------------------------------------------- pre-training weights: --init, --reconstruct
-
-_WIDTHS = ("embed_dim", "depth", "decoder_embed_dim", "decoder_depth")  # what its tensors show
-_TAKEN = ("input_size", "num_frames", "sampling_rate", "mask_ratio", "no_norm_pix_loss")
-
-
-def _sizes_text(sizes):
-    return "encoder {} wide, {} blocks; decoder {} wide, {} blocks".format(*sizes)
-
-
-def pretraining_config(path, preset=None):
-    """What --init and --reconstruct need of a pre-training checkpoint (any format load_checkpoint
-    reads): 'model', the preset of its tensors' sizes, and what its configuration says (this
-    project's, the reference's saved flags, or config.json beside HuggingFace weights) of _TAKEN.
-    ValueError, one line: no checkpoint, no decoder (a classifier's), sizes of no preset or not of
-    `preset`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is not a file")
-    try:
-        ckpt = read_file(path)
-        sd = canonical_weights(ckpt)
-    except Exception as error:  # torch's and safetensors' errors differ by format and version
-        raise ValueError(f"{path} is not a checkpoint that torch can read "
-                         f"({type(error).__name__})") from None
-    if not any(k.startswith(_DECODER_KEYS) for k in sd):
-        raise ValueError(f"{path} has no decoder, only an encoder (a fine-tuned classifier?): "
-                         f"give pre-training weights, encoder and decoder")
-
-    def blocks(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-    widths = [sd[k].shape[0] if k in sd else None
-              for k in ("encoder.patch_embed.proj.weight", "encoder_to_decoder.weight")]
-    sizes = (widths[0], blocks("encoder.blocks."), widths[1], blocks("decoder.blocks."))
-    found = [name for name, p in PRESETS.items() if sizes == tuple(p[k] for k in _WIDTHS)]
-    if not found:
-        raise ValueError(f"{path}: {_sizes_text(sizes)}: no preset of model.py has these sizes")
-    if preset and found[0] != preset:
-        wanted = _sizes_text([PRESETS[preset][k] for k in _WIDTHS])
-        raise ValueError(f"{path} holds a '{found[0]}' model ({_sizes_text(sizes)}), this run "
-                         f"builds '{preset}' ({wanted}): give --model {found[0]}")
-    saved = ckpt.get("args")  # the reference's flags, an argparse.Namespace
-    saved = dict(vars(saved)) if isinstance(saved, argparse.Namespace) else checkpoint_config(path)
-    if "normlize_target" in saved:  # the reference's spelling of the normalised-pixel target
-        saved["no_norm_pix_loss"] = not saved["normlize_target"]
-    return {"model": found[0], **{k: saved[k] for k in _TAKEN if saved.get(k) is not None}}
-
-
-def load_pretraining(net, path):
-    """Every tensor of the VideoMAE `net`, encoder and decoder, from a checkpoint that
-    pretraining_config accepted; returns the line that says so."""
-    missing, _ = load_checkpoint(net, path, verbose=False)
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}")
-    total = len(net.state_dict())
-    return f"loaded {total}/{total} tensors, encoder and decoder, from {path}"
 
 
 # ------------------------------------------------------------------ writing: the HuggingFace layout
