@@ -1,13 +1,11 @@
 """Video data, top down: the frames a clip takes and its crops (the reference's rules, from
-github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset of uint8 clips, data
-sets on disk (the demo set is drawn by plots.py), and frame-exact OpenCV reading that survives broken
-files.
+github.com/MCG-NJU/VideoMAE kinetics.py, ssv2.py, transforms.py), the dataset of uint8 clips, data sets
+on disk (the demo set is drawn by plots.py), and frame-exact OpenCV reading that survives broken files.
 `python data.py --check DATA_PATH` reports unreadable, truncated, slow and short videos."""
 import argparse
 import math
 import os
 import re
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,14 +18,12 @@ import plots
 from model import IMAGENET_MEAN, IMAGENET_STD, imagenet_stats  # noqa: F401 (shared with the loss)
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov', '.m4v')
-# The folders of the official split files.
-SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}
+SPLIT_DIRS = {'UCF101': 'ucfTrainTestlist', 'HMDB51': 'testTrainMulti_7030_splits'}  # official splits' folders
 
-# Parallelism comes from DataLoader worker processes (they inherit this): OpenCV and FFmpeg
-# decoders run one thread; pools on 224-pixel crops oversubscribe, costing more to sync than saved.
+# DataLoader worker processes (which inherit this) give the parallelism: decoders run one thread, as OpenCV pools
+# on 224-pixel crops cost more to sync than they save. A broken file is reported once, by name, by its reader:
+# FFmpeg's and OpenCV's lines on it ("moov atom not found") would repeat per worker and epoch.
 cv2.setNumThreads(1)
-# A broken file is reported once, by name, by its reader: FFmpeg's and OpenCV's own lines on it
-# ("moov atom not found", "can't be used to capture by name") would repeat per worker and epoch.
 os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')  # AV_LOG_QUIET, read at OpenCV's first open
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -41,8 +37,7 @@ def normalize(clips):
 
 # --------------------------------------------------------------------------- which frames: sampling
 
-def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None,
-                 test_num_segment=5):
+def clip_indices(n, mode, num_frames=16, sampling_rate=4, sampling='i3d', rng=None, test_num_segment=5):
     """Frame indices (num_frames,) of one random clip (pretrain/train) or of test_num_segment test
     clips, as a list, by the reference's rules, short videos included (kinetics.py, ssv2.py)."""
     T, r, S = num_frames, sampling_rate, test_num_segment
@@ -125,26 +120,24 @@ def _render(frames, indices, box, size, flip, out, area=False):
 # -------------------------------------------------------------------------------------- the dataset
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample
-    crops of one decoded clip (repeated sampling) in pretrain/train mode, test_num_segment x
-    test_num_crop views in test mode; augment(view, rng) alters each train crop in place. Unreadable
-    videos give way to the next sample (`substituted` counts those skipped from `index` on,
-    engine.BadVideos names them); `truncated`: frames decoded if a file has fewer than it claims."""
+    """Items (clips uint8 (V, T, H, W, 3), label, index, substituted, truncated): V = num_sample crops of
+    one decoded clip (repeated sampling) in pretrain/train mode, test_num_segment x test_num_crop views
+    in test mode; augment(view, rng) alters each train crop in place. Unreadable videos give way to the
+    next sample (`substituted` counts those skipped from `index` on, engine.BadVideos names them);
+    `truncated`: frames decoded if a file has fewer than it claims."""
 
     def __init__(self, samples, mode, num_frames=16, sampling_rate=4, input_size=224, num_sample=1,
                  sampling='i3d', flip=None, augment=None, crop_scale=(0.08, 1.0), test_num_segment=5,
                  test_num_crop=3, max_bad_fraction=0.05, seed=0, in_memory=False):
-        if (mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment')
-                or not samples):
+        if mode not in ('pretrain', 'train', 'test') or sampling not in ('i3d', 'segment') or not samples:
             raise ValueError(f"mode {mode!r} (pretrain/train/test), sampling {sampling!r} "
                              f"(i3d/segment), {len(samples)} samples; check the arguments")
         self.samples, self.mode, self.sampling, self.seed = list(samples), mode, sampling, seed
         self.T, self.rate, self.size = num_frames, sampling_rate, input_size
         self.num_sample, self.augment, self.crop_scale = num_sample, augment, tuple(crop_scale)
         self.flip = mode == 'train' if flip is None else flip
-        self.segments, self.crops = test_num_segment, test_num_crop
+        self.segments, self.crops, self.max_bad_fraction = test_num_segment, test_num_crop, max_bad_fraction
         self.views = test_num_segment * test_num_crop if mode == 'test' else num_sample  # V
-        self.max_bad_fraction = max_bad_fraction
         self.bad = set()  # unreadable files, skipped untried (workers started later inherit it)
         self.frames = {}  # in_memory: path -> every BGR frame (n, H, W, 3); small sets decode once
         if in_memory:
@@ -169,8 +162,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 return clips, self.samples[j][1], i, substituted, _TRUNCATED.get(path, 0)
             except VideoReadError:
                 self.bad.add(path)
-        raise VideoReadError(f"none of the {len(self)} videos is readable; "
-                             f"run `python data.py --check DATA_PATH`")
+        raise VideoReadError(f"none of the {len(self)} videos is readable; run `python data.py --check DATA_PATH`")
 
     def _load(self, j, epoch=None):
         """The views of sample j, uint8 (V, T, H, W, 3); VideoReadError for an unreadable file. Its
@@ -215,17 +207,16 @@ def make_loader(dataset, args, ctx, train):
     """A DataLoader over this process's share of the videos; for training shuffled, its workers kept
     across epochs. A test batch holds at most a training batch's clips (or one video's views), so
     its workers' prefetched batches fit where training's do (16 x 15 views would be 578 MB each)."""
-    sampler = EpochSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed,
-                           drop_last=train)
+    sampler = EpochSampler(dataset, ctx.world, ctx.rank, shuffle=train, seed=args.seed, drop_last=train)
     batch = args.batch_size if train else max(1, args.batch_size * args.num_sample // dataset.views)
     loader = torch.utils.data.DataLoader(
         dataset, batch, sampler=sampler, num_workers=args.num_workers, drop_last=train,
         pin_memory=ctx.device.type == "cuda", persistent_workers=train and args.num_workers > 0,
         prefetch_factor=4 if args.num_workers else None)
     if train and len(loader) < args.accum_iter:  # not one whole step: the loop would run none
-        raise DataError(f"{len(dataset)} training videos make no step of {args.batch_size} videos "
-                        f"x {ctx.world} processes x {args.accum_iter} accum_iter = "
-                        f"{args.videos_per_step}; lower --batch_size or --accum_iter, or add videos")
+        step = f"{args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum_iter"
+        raise DataError(f"{len(dataset)} training videos make no step of {step} = {args.videos_per_step}; "
+                        f"lower --batch_size or --accum_iter, or add videos")
     return loader, sampler
 
 
@@ -236,10 +227,10 @@ class DataError(ValueError):
 
 
 def load_samples(data_path, data_set=None, split=1, train=True, missing_ok=False):
-    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101',
-    'HMDB51' (as distributed, split folder beside or inside), 'list' (a list file, or a folder with
-    train.txt and val.txt if any), 'folder' (class subfolders, else unlabelled), 'demo', None:
-    guess. DataError: no training video, a listed (linked) one missing (missing_ok: kept)."""
+    """(samples [(path, label)], class_names); labels 0-based, -1 unlabelled. data_set: 'UCF101', 'HMDB51'
+    (as distributed, split folder beside or inside), 'list' (a list file, or a folder with train.txt and
+    val.txt if any), 'folder' (class subfolders, else unlabelled), 'demo', None: guess. DataError: no
+    training video, a listed (linked) one missing (missing_ok: kept)."""
     root = Path(data_path)
     if data_set == 'demo':  # an existing demo set is used whatever its parameters
         if not (root / 'meta.json').is_file():
@@ -351,8 +342,7 @@ def _open(path):
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
     if n <= 0:
-        raise VideoReadError(f"{path}: not a readable video (missing, empty or no frames); "
-                             f"re-encode or remove it")
+        raise VideoReadError(f"{path}: not a readable video (missing, empty or no frames); re-encode or remove it")
     return cap, n
 
 
@@ -368,10 +358,10 @@ def read_frames(path, indices):
 
 
 def _decode(cap, path, wanted, seek=True):
-    """{index: BGR frame} for the sorted unique `wanted` indices as a sequential decode from 0 gives
-    them (past the real end: its last frame), converting only those (retrieve). From SEEK_MIN on it
-    seeks (exact by timestamp at constant frame rates: XVID, mp4v, H.264 with B-frames, see the
-    tests); if the frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
+    """{index: BGR frame} for the sorted unique `wanted` indices as a sequential decode from 0 gives them
+    (past the real end: its last frame), converting only those (retrieve). From SEEK_MIN on it seeks
+    (exact by timestamp at constant frame rates: XVID, mp4v, H.264 with B-frames, see the tests); if the
+    frame after the seek lacks wanted[0]'s timestamp, the file is decoded from 0."""
     path, first, last = str(path), wanted[0], wanted[-1]
     fps = cap.get(cv2.CAP_PROP_FPS)
     seek = seek and first >= SEEK_MIN and fps > 0 and path not in _SEEK_UNSAFE
@@ -417,13 +407,11 @@ def _probe(path, min_frames):
     try:
         cap, n = _open(path)
         count = sum(1 for _ in iter(cap.grab, False))  # the frames that decode
-        ref, sought = (_decode(_open(path)[0], path, [n // 2], seek)[n // 2]
-                       for seek in (False, True))
+        ref, sought = (_decode(_open(path)[0], path, [n // 2], seek)[n // 2] for seek in (False, True))
     except VideoReadError as e:
         return f'UNREADABLE {e}'
     if count < n:  # (a seek past the real end misses too: this says why)
-        return (f'TRUNCATED  {path}: the container claims {n} frames, {count} decode; '
-                f'the last one repeats')
+        return f'TRUNCATED  {path}: the container claims {n} frames, {count} decode; the last one repeats'
     if str(path) in _SEEK_UNSAFE or not np.array_equal(sought, ref):
         return (f'SEEK       {path}: seeking misses frames, so its clips decode from frame 0 '
                 f'(slow); re-encode it at a constant frame rate')
@@ -433,13 +421,11 @@ def _probe(path, min_frames):
 
 
 def main():
-    ap = argparse.ArgumentParser(
-        description='Report unreadable, truncated and short videos, and class counts.')
+    ap = argparse.ArgumentParser(description='Report unreadable, truncated and short videos, and class counts.')
     ap.add_argument('--check', metavar='DATA_PATH', required=True)
     ap.add_argument('--data_set', choices=['UCF101', 'HMDB51', 'list', 'folder', 'demo'])
     ap.add_argument('--split', type=int, default=1, choices=[1, 2, 3])
-    ap.add_argument('--min_frames', type=int, default=64,
-                    help='num_frames x sampling_rate of the runs')
+    ap.add_argument('--min_frames', type=int, default=64, help='num_frames x sampling_rate of the runs')
     args = ap.parse_args()
     try:  # missing videos are kept: named below, as the unreadable ones
         sets = {name: load_samples(args.check, args.data_set, args.split, name == 'train', True)
@@ -452,13 +438,12 @@ def main():
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # decoding releases the GIL
         reports = [r for r in pool.map(lambda p: _probe(p, args.min_frames), paths) if r]
     bad = sum(r.startswith('UNREADABLE') for r in reports)
-    print(*reports, f'{len(paths)} files: {bad} unreadable, {len(reports) - bad} other findings',
-          sep='\n')
+    print(*reports, f'{len(paths)} files: {bad} unreadable, {len(reports) - bad} other findings', sep='\n')
     for name, (samples, classes) in sets.items():
         counts = sorted(Counter(label for _, label in samples).items())
         per_class = ', '.join(f'{classes[c] if c >= 0 else c} {k}' for c, k in counts)
         print(f'{name}: {len(samples)} videos;', per_class)
-    sys.exit(1 if bad else 0)
+    raise SystemExit(1 if bad else 0)
 
 
 if __name__ == '__main__':

@@ -18,13 +18,13 @@ from tqdm import tqdm
 import data
 import model as models
 import plots
-from weights import CheckpointError, RunFolder, unwritable
+from weights import CheckpointError, RunFolder, listed, unwritable
 
 # ---------------------------------------------------------------------------------------- arguments
 
 def number(kind=float, least=-math.inf, most=math.inf, above=-math.inf, below=math.inf):
-    """An argparse type: a `kind` number within the bounds given (least <= x <= most, above < x <
-    below); argparse refuses any other with one line naming the flag and the range."""
+    """An argparse type: a `kind` number with least <= x <= most and above < x < below; argparse refuses any
+    other with one line naming the flag and the range."""
     def parse(text):
         value = kind(text)
         if not (least <= value <= most and above < value < below):
@@ -40,12 +40,18 @@ COUNT, SHARE = number(int, least=1), number(least=0, most=1)  # the commonest ra
 
 
 def device(text):
-    """An argparse type: cpu, cuda (torchrun: each process the GPU of its LOCAL_RANK) or cuda:N."""
+    """An argparse type: cpu, cuda:N or cuda, which becomes cuda:LOCAL_RANK (torchrun: each process its GPU)."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is no device: give cpu, cuda or cuda:N")
-    return text
-# Flags whose default comes from the recipe (None until finish_args): (names, type and range,
-# help); a second name is the reference's spelling.
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible; use --device cpu")
+    if text.startswith("cuda:") and "LOCAL_RANK" in os.environ:
+        raise argparse.ArgumentTypeError(f"{text}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                                         f"give --device cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if text == "cuda" else text
+
+
+# Flags whose default comes from the recipe (None until finish_args): names (a second: the reference's), type, help.
 RECIPE_FLAGS = [
     (["--batch_size"], COUNT, "videos per process and step"),
     (["--epochs"], COUNT, ""),
@@ -68,9 +74,8 @@ def common_parser(doc, recipes, demo):
         help=f"model size (default {recipes['K400']['model']}; demo {demo['model']})")
     arg("--data_path", help="UCF-101/ or hmdb51_org/ root, a list file or a folder of videos")
     arg("--data_set", choices=["UCF101", "HMDB51", "list", "folder"], help="(guessed if absent)")
-    arg("--recipe", choices=list(recipes),
-        help="the reference's values for this data set, for every flag not given (default: the "
-             "--data_set's own, else K400's; README: the recipes)")
+    arg("--recipe", choices=list(recipes), help="the reference's values for this data set, for every flag not "
+        "given (default: the --data_set's own, else K400's; README: the recipes)")
     arg("--split", type=int, default=1, choices=[1, 2, 3], help="official UCF101/HMDB51 split")
     arg("--output_dir", help="where logs and checkpoints go (default runs/<script>-<data>)")
     for names, kind, hint in RECIPE_FLAGS:
@@ -84,8 +89,7 @@ def common_parser(doc, recipes, demo):
     arg("--per_class", type=COUNT, help="train on the first N videos of each class only")
     arg("--weight_decay", type=number(least=0), default=0.05)
     arg("--clip_grad", type=number(above=0), help="clip the gradient norm to this value")
-    arg("--num_workers", type=number(int, least=0),
-        help="loading processes per GPU (default: up to 8; 0 in memory)")
+    arg("--num_workers", type=number(int, least=0), help="loading processes per GPU (default: up to 8; 0 in memory)")
     arg("--resume", help="checkpoint to resume from (default: the newest in --output_dir)")
     arg("--latest_every", type=number(least=0), default=10, help="minutes between two writes of the newest "
         "checkpoint besides numbered and last epochs (a kill loses at most that); 0: every epoch")
@@ -126,13 +130,6 @@ def finish_args(parser, argv, recipes, demo):
                              ("input_size", "patch", models.PATCH_SIZE)):
         if vars(args)[name] % size:
             parser.error(f"--{name} {vars(args)[name]} is not a multiple of the {unit} size {size}")
-    if args.device.startswith("cuda:") and "LOCAL_RANK" in os.environ:
-        parser.error(f"--device {args.device}: under torchrun each process takes the GPU of its "
-                     f"LOCAL_RANK; give --device cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
-    if args.device == "cuda":  # each process its own GPU: torchrun's LOCAL_RANK (else the first)
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return args
 
 
@@ -170,9 +167,9 @@ def setup(args):
     args.lr = args.blr * videos / 256
     args.min_lr = args.min_blr * videos / 256
     name = "demo" if args.demo else args.recipe
-    ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, "
-              f"min_lr {args.min_lr:.3g} ({args.batch_size} videos x {ctx.world} processes x "
-              f"{args.accum_iter} accum; the {name} recipe: {recipe} videos per step)")
+    ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, min_lr {args.min_lr:.3g} "
+              f"({args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum; the {name} recipe: "
+              f"{recipe} videos per step)")
     torch.manual_seed(args.seed)
     return ctx
 
@@ -207,10 +204,9 @@ def command(main):
     return run
 
 
-def fail(message, ctx, bar=None):
-    """Stop the run: the bar closed, `message` as rank 0's last line, exit status 1."""
-    if bar is not None:
-        bar.close()
+def fail(message, ctx, bar):
+    """Stop the run: the progress bar closed, `message` as rank 0's last line, exit status 1."""
+    bar.close()
     ctx.print(message)
     leave_process_group()
     sys.exit(1)
@@ -248,9 +244,7 @@ def lr_at(epoch, args):
 def autocast(args, ctx):
     """Mixed precision for --dtype bf16 or fp16; nothing for fp32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(ctx.device.type, dtype)
+    return torch.autocast(ctx.device.type, dtype, enabled=dtype is not None)
 
 
 def gradient_sync(model, sync):
@@ -269,13 +263,11 @@ class Meter:
     optimizer step's micro-batches, record() takes their losses, summary() gives the figures."""
 
     def __init__(self, run, epoch, loader):
-        self.run, self.ctx, self.args = run, run.ctx, run.args
-        self.epoch, self.loader = epoch, loader
+        self.run, self.ctx, self.args, self.epoch, self.loader = run, run.ctx, run.args, epoch, loader
         self.num_steps = len(loader) // self.args.accum_iter  # whole optimizer steps only
         self.batches_done, self.clips, self.substituted, self.wait = 0, 0, 0, 0.0
         self.loss_sum, self.lr = torch.zeros((), device=self.ctx.device), None
-        self.bar = tqdm(total=self.num_steps, desc=f"epoch {epoch}", disable=not self.ctx.main,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=self.num_steps, desc=f"epoch {epoch}", disable=not self.ctx.main, dynamic_ncols=True)
         loader.dataset.bad |= run.bad_videos.unreadable  # workers started from now skip these
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
@@ -327,8 +319,7 @@ class Meter:
                  f"checkpoint is {self.run.latest}; lower --lr or --blr, or use --dtype bf16 "
                  f"instead of fp16, then rerun to resume.", self.ctx, self.bar)
         if self.run.bad_videos.sync(write=tqdm.write):  # (the lines above the progress bar)
-            message = self.run.bad_videos.too_many(self.args, self.run.latest)
-            fail(message, self.ctx, self.bar)
+            fail(self.run.bad_videos.too_many(self.args, self.run.latest), self.ctx, self.bar)
 
     def summary(self):
         """The epoch's figures for the log, summed over every process."""
@@ -340,18 +331,16 @@ class Meter:
             peak = torch.cuda.max_memory_allocated(self.ctx.device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"epoch": self.epoch, "loss": loss / batches, "lr": self.lr,
-                "clips_per_s": clips / elapsed,
+        return {"epoch": self.epoch, "loss": loss / batches, "lr": self.lr, "clips_per_s": clips / elapsed,
                 "clips_per_step": clips * self.args.accum_iter * self.ctx.world / batches,
                 "data_wait": self.wait / elapsed, "peak_mem_mb": round(peak / 2**20),
                 "substituted": int(substituted), "epoch_s": elapsed}
 
 
 class BadVideos:
-    """A training run's record of damaged videos, from what the dataset's items report. Each worker
-    loads only its share and knows only the broken files it met, so the record lives here,
-    synchronised across the `world` processes: each file is named once per run, and the unreadable
-    ones of all workers and processes count against the dataset's max_bad_fraction."""
+    """A training run's record of damaged videos, from what the dataset's items report. Each worker loads only
+    its share and knows only the broken files it met, so the record lives here, synchronised across the `world`
+    processes: each file is named once per run; the unreadable ones all count against max_bad_fraction."""
 
     def __init__(self, dataset, world=1, main=True):
         self.samples, self.world, self.main = dataset.samples, world, main
@@ -378,8 +367,7 @@ class BadVideos:
             known = self.truncated if frames else self.unreadable
             if path not in known and self.main:
                 if frames:
-                    write(f"truncated video, only its first {frames} frames decode (the last one "
-                          f"repeats): {path}")
+                    write(f"truncated video, only its first {frames} frames decode (the last one repeats): {path}")
                 else:
                     write(f"unreadable video, another sample used in its place: {path}")
             known.add(path)
@@ -387,13 +375,12 @@ class BadVideos:
 
     def too_many(self, args, checkpoint):
         names = sorted(self.unreadable)
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         check = f"python data.py --check {args.data_path}"
         if args.data_set:
             check += f" --data_set {args.data_set}"
         last = checkpoint if os.path.exists(checkpoint) else "none (no epoch finished)"
         return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, "
-                f"more than the {self.limit} tolerated: {listed}; run `{check}` and remove or "
+                f"more than the {self.limit} tolerated: {listed(names, 5)}; run `{check}` and remove or "
                 f"re-encode them; the last good checkpoint is {last}")
 
 
@@ -409,9 +396,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.dtype == "fp16")
         self.folder = RunFolder(args.output_dir, ctx.main, 60 * args.latest_every)
         self.latest, self.log = self.folder.latest, self.folder.log
-        self.bad_videos = None  # a training run's record of damaged videos
-        if train_set is not None:
-            self.bad_videos = BadVideos(train_set, ctx.world, ctx.main)
+        self.bad_videos = BadVideos(train_set, ctx.world, ctx.main) if train_set is not None else None
         self.start_epoch = 0
         config = {"config": dict(vars(args)), "world_size": ctx.world}
         if optimizer is None:  # evaluation only: the caller loaded the weights

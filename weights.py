@@ -7,11 +7,9 @@ CheckpointError     a file that cannot be used as given: its one line names the 
 RunFolder           a training run's log and checkpoints, and resuming from the newest one.
 export_huggingface  load_checkpoint's inverse: config.json and model.safetensors for transformers.
 atomic_write        every file written here goes through it: a killed run never leaves half a file.
-
     python weights.py --export runs/finetune-demo/checkpoint-latest.pth runs/finetune-demo/hf
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -25,6 +23,9 @@ import torch.distributed as dist
 
 import plots
 from model import PATCH_SIZE, PRESETS, TUBELET_SIZE, VideoViT, build_model
+
+# The reference's checkpoints hold its flags as an argparse.Namespace, which a safe load may rebuild.
+torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 class CheckpointError(ValueError):
@@ -68,14 +69,12 @@ _HF_BLOCK = [
     ("intermediate.dense.", "mlp.fc1."),
     ("output.dense.", "mlp.fc2."),
 ]
-_HF_QKV = ("attention.attention.query.weight", "attention.attention.key.weight",
-           "attention.attention.value.weight")
+_HF_QKV = tuple(f"attention.attention.{name}.weight" for name in ("query", "key", "value"))
 DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 def _rename(key, to_hf):
-    """One key from HuggingFace's names to the reference's, or back (to_hf), by the two tables
-    above."""
+    """One key from HuggingFace's names to the reference's, or back (to_hf), by the tables above."""
     src, dst = (1, 0) if to_hf else (0, 1)
     for pair in _HF_TOP:
         if key.startswith(pair[src]):
@@ -118,8 +117,7 @@ def canonical_weights(ckpt):
     """A checkpoint's weights in any known format, named as in the reference's pre-training
     checkpoint (encoder weights under 'encoder.'); fixed positions dropped: rebuilt, not loaded."""
     # 'model' (this project, the reference's pre-training), 'module' (its fine-tuning), 'state_dict'
-    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)),
-              ckpt)
+    sd = next((ckpt[k] for k in ("model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     sd = {k.replace("module.", "", 1).replace("_orig_mod.", ""): v
           for k, v in sd.items() if torch.is_tensor(v)}
     if any(k.startswith(("videomae.", "embeddings.patch_embeddings")) for k in sd):
@@ -131,30 +129,22 @@ def canonical_weights(ckpt):
 
 def read_file(path):
     """A checkpoint file as saved (a dict), tensors memory-mapped; never runs code (weights_only).
-    The reference code stores its flags as an argparse.Namespace, which is allowed; .safetensors
-    files need that package. CheckpointError for a file that is missing, empty or no checkpoint."""
+    CheckpointError for a file that is missing, empty or no checkpoint."""
     if str(path).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise RuntimeError(
-                f"{path}: reading .safetensors needs `pip install safetensors`") from None
+            raise RuntimeError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         what = "is empty (0 bytes)" if os.path.isfile(path) else "is not a file"
         raise CheckpointError(f"{path} {what}; give a checkpoint file (.pth or .safetensors)")
-    if hasattr(torch.serialization, "safe_globals"):
-        allowed = torch.serialization.safe_globals([argparse.Namespace])
-    else:  # torch 2.4: no context manager yet, only the process-wide list
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        allowed = contextlib.nullcontext()
     try:
         if str(path).endswith(".safetensors"):
             return load_file(str(path))
-        with allowed:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # torch's legacy (pre-1.6) format cannot be memory-mapped
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # torch's legacy (pre-1.6) format cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch's reasons are many (pickle, zip, end of file) and long
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         why = "not written by torch.save, or cut short"
@@ -189,14 +179,11 @@ def size_mismatch(source, theirs, ours, path=None):
 
 
 def load_checkpoint(model, path_or_state_dict, verbose=True, fresh_head=True):
-    """Load weights into a VideoMAE or VideoViT; returns (missing, unexpected) key lists.
-
-    Accepts this project's checkpoints, the reference's pre-training ('model': encoder./decoder.
-    names) and fine-tuned ('module') checkpoints, and HuggingFace VideoMAE weights
-    (pytorch_model.bin, model.safetensors). A pre-training checkpoint fills a VideoViT's encoder
-    (its decoder is ignored, fc_norm and head start fresh); a head of another class count is
-    dropped. An encoder of another size, a tensor of another shape or one the model would keep at
-    random (anything but a fresh fc_norm and head, if fresh_head) is a CheckpointError naming it."""
+    """Load a checkpoint of any format canonical_weights reads into a VideoMAE or VideoViT; returns
+    (missing, unexpected) key lists. A pre-training checkpoint fills a VideoViT's encoder (its
+    decoder is ignored, fc_norm and head start fresh); a head of another class count is dropped.
+    An encoder of another size, a tensor of another shape or one the model would keep at random
+    (anything but a fresh fc_norm and head, if fresh_head) is a CheckpointError naming it."""
     from_file = not isinstance(path_or_state_dict, dict)
     ckpt = read_file(path_or_state_dict) if from_file else path_or_state_dict
     source = str(path_or_state_dict) if from_file else "state dict"
@@ -206,10 +193,8 @@ def load_checkpoint(model, path_or_state_dict, verbose=True, fresh_head=True):
     if isinstance(model, VideoViT):
         if any(k.startswith(DECODER_KEYS) for k in sd):
             notes.append("pre-training decoder ignored")
-        sd = {k.removeprefix("encoder."): v
-              for k, v in sd.items() if not k.startswith(DECODER_KEYS)}
-        sd.pop("norm.weight", None)  # mean pooling uses fc_norm, not the final norm
-        sd.pop("norm.bias", None)
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if not k.startswith(DECODER_KEYS)}
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}  # mean pooling: fc_norm instead
     if ("head.weight" in sd and "head.weight" in own
             and sd["head.weight"].shape != own["head.weight"].shape):
         notes.append(f"head for {sd['head.weight'].shape[0]} classes dropped "
@@ -233,14 +218,13 @@ def load_checkpoint(model, path_or_state_dict, verbose=True, fresh_head=True):
         raise CheckpointError(f"{source} lacks {len(at_random)} tensors of the model, which would "
                               f"start at random ({listed(at_random)}); give a whole checkpoint")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if fresh:
+        notes.append(f"starting fresh as expected: {', '.join(fresh)}")
+    if unexpected:
+        notes.append(f"ignored: {listed(unexpected)}")
     if verbose:
-        line = f"loaded {len(own) - len(missing)}/{len(own)} tensors from {source}"
-        line += "".join(f"; {n}" for n in notes)
-        if fresh:
-            line += f"; starting fresh as expected: {', '.join(fresh)}"
-        if unexpected:
-            line += f"; ignored: {listed(unexpected)}"
-        print(line)
+        loaded = f"loaded {len(own) - len(missing)}/{len(own)} tensors from {source}"
+        print("; ".join([loaded, *notes]))
     return missing, unexpected
 
 
@@ -264,11 +248,10 @@ def unwritable(folder):
 
 class RunFolder:
     """A training run's folder: log.jsonl, checkpoint-latest.pth, checkpoint-NNNN.pth, curves.png.
-    An epoch is logged before its checkpoint: if a run is killed, the log holds every epoch of the
-    newest checkpoint and maybe later ones; a resume drops the lines past it. Only the main process
-    (rank 0) writes, and it alone decides whether to resume. The newest checkpoint is written with
-    every numbered one and otherwise once `latest_every` seconds have passed since its last write
-    (0: every epoch): a ViT-B's, optimizer included, is about 1.1 GB, more than a short epoch."""
+    An epoch is logged before its checkpoint; a resume drops the log's lines past the checkpoint.
+    Only the main process (rank 0) writes, and it alone decides whether to resume. The newest
+    checkpoint (a ViT-B's is 1.1 GB with its optimizer, more than a short epoch) is written with each
+    numbered one, else once `latest_every` seconds have passed since its last write (0: each epoch)."""
 
     def __init__(self, output_dir, main=True, latest_every=0, clock=time.monotonic):
         self.dir, self.main = output_dir, main
@@ -286,20 +269,17 @@ class RunFolder:
             if path and not os.path.exists(path):
                 error = f"{path} is not a file; give a checkpoint file (.pth or .safetensors)"
         path, error = from_main((path, error))
-        if error and self.main:  # one line, from rank 0; the others stop without a word
-            raise CheckpointError(error)
-        if error:
-            raise SystemExit(2)
+        if error:  # one line, from rank 0; the others stop without a word
+            raise CheckpointError(error) if self.main else SystemExit(2)
         return path
 
     def restore(self, path, net, optimizer, scaler, say=print):
-        """Load a checkpoint into model, optimizer and scaler; returns the epoch to start at. A
-        process that cannot see `path` (another node's disk) gets rank 0's copy. An fp16 run
-        resumed from a bf16 or fp32 one starts its loss scale afresh. A file of another kind or
-        size of model, or without a run's state, is a CheckpointError."""
+        """Load a checkpoint into model, optimizer and scaler; returns the epoch to start at. A process
+        that cannot see `path` (another node's disk) gets rank 0's copy; an fp16 run resumed from
+        another starts its loss scale afresh; a file of another model, or no run's, is a CheckpointError."""
         ckpt = read_file(path) if os.path.exists(path) else None
-        if _world() > 1:
-            seen = [None] * _world()
+        if dist.is_initialized():
+            seen = [None] * dist.get_world_size()
             dist.all_gather_object(seen, ckpt is not None)
             if not all(seen):
                 ckpt = from_main(ckpt)
@@ -320,8 +300,7 @@ class RunFolder:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and not ckpt["scaler"]:  # saved with the scaler off
-            say(f"{path} holds no fp16 loss scale (a bf16 or fp32 run's): it starts at "
-                f"{scaler.get_scale():g}")
+            say(f"{path} holds no fp16 loss scale (a bf16 or fp32 run's): it starts at {scaler.get_scale():g}")
         else:
             scaler.load_state_dict(ckpt["scaler"])
         return ckpt["epoch"] + 1
@@ -349,9 +328,8 @@ class RunFolder:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, ckpt, numbered=False):
-        """checkpoint-NNNN.pth of its epoch with `numbered` (every numbered epoch and the last), written
-        first; then the newest, when due (--latest_every) or numbered: killed in between, the run
-        resumes at this epoch again and writes both anew."""
+        """With `numbered`, checkpoint-NNNN.pth of its epoch first; then the newest, when due or numbered:
+        killed in between, the run resumes at this epoch again and writes both anew."""
         if not self.main:
             return
         if numbered:
@@ -369,13 +347,9 @@ class RunFolder:
             write_png(os.path.join(self.dir, "curves.png"), plots.curves(records))
 
 
-def _world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def from_main(obj):
     """`obj` as the main process (rank 0) holds it, on every process (each must call this)."""
-    if _world() == 1:
+    if not dist.is_initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -390,30 +364,26 @@ def _logged_epoch(line):
         return math.inf
 
 
-
 # ------------------------------------------------------------------ writing: the HuggingFace layout
 
-# A preset's sizes -> the names of HuggingFace's config.json.
-_HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers",
-             "num_heads": "num_attention_heads", "decoder_embed_dim": "decoder_hidden_size",
-             "decoder_depth": "decoder_num_hidden_layers",
-             "decoder_num_heads": "decoder_num_attention_heads"}
+# A preset's sizes -> the names of HuggingFace's config.json (the decoder's: the same, prefixed).
+_HF_SIZES = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads"}
+_HF_SIZES.update({f"decoder_{k}": f"decoder_{v}" for k, v in _HF_SIZES.items()})
 
 
 def checkpoint_config(path):
     """The run configuration a checkpoint carries: this project's 'config', else what HuggingFace's
-    config.json beside the weights says (preset, input size, frames, loss target, class names), else
-    {}."""
+    config.json beside it says (preset, input size, frames, loss target, class names), else {}."""
     saved = read_file(path).get("config")
     beside = Path(path).parent / "config.json"
     if saved or not beside.is_file():
         return saved or {}
     hf = json.loads(beside.read_text())
     labels = hf.get("id2label", {})
-    presets = [name for name, sizes in PRESETS.items()
-               if all(hf.get(_HF_SIZES[k]) == sizes[k]
-                      for k in ("embed_dim", "depth", "num_heads"))]
-    config = {"model": presets[0] if presets else None, "input_size": hf.get("image_size"),
+    encoder = ("embed_dim", "depth", "num_heads")
+    preset = next((name for name, sizes in PRESETS.items()
+                   if all(hf.get(_HF_SIZES[k]) == sizes[k] for k in encoder)), None)
+    config = {"model": preset, "input_size": hf.get("image_size"),
               "num_frames": hf.get("num_frames"),
               "no_norm_pix_loss": hf.get("norm_pix_loss") is False,  # pre-training's loss target
               "classes": [labels[str(i)] for i in range(len(labels))]}
@@ -422,9 +392,8 @@ def checkpoint_config(path):
 
 def export_huggingface(path, out_dir):
     """Write a checkpoint (any format load_checkpoint reads) to out_dir as transformers'
-    VideoMAEForPreTraining or, with a head, VideoMAEForVideoClassification saves itself:
-    config.json, and model.safetensors (pytorch_model.bin without the safetensors package). The
-    inverse of load_checkpoint. Returns the paths written."""
+    VideoMAEForPreTraining or, with a head, VideoMAEForVideoClassification saves itself: config.json
+    and model.safetensors (pytorch_model.bin without safetensors). Returns the paths written."""
     config = checkpoint_config(path)
     sd = canonical_weights(read_file(path))
     preset = config.get("model") or encoder_size(sd)[0]
@@ -435,11 +404,10 @@ def export_huggingface(path, out_dir):
     num_frames = config.get("num_frames", 16)
     norm_pix_loss = not config.get("no_norm_pix_loss")
     if classifier:
-        net = build_model("finetune", preset, img_size=img_size, num_frames=num_frames,
-                          num_classes=len(sd["head.bias"]))
+        kind, extra = "finetune", {"num_classes": len(sd["head.bias"])}
     else:
-        net = build_model("pretrain", preset, img_size=img_size, num_frames=num_frames,
-                          norm_pix_loss=norm_pix_loss)
+        kind, extra = "pretrain", {"norm_pix_loss": norm_pix_loss}
+    net = build_model(kind, preset, img_size=img_size, num_frames=num_frames, **extra)
     if load_checkpoint(net, sd, verbose=False)[0]:  # checks every shape against the preset
         raise CheckpointError(f"{path} has no fc_norm; only a whole model can be exported")
     sizes = PRESETS[preset]
@@ -452,20 +420,13 @@ def export_huggingface(path, out_dir):
     hf.update({hf_name: sizes[k] for k, hf_name in _HF_SIZES.items()})
     if classifier:  # classifiers pool into fc_norm; pre-training models end in a layernorm
         names = config.get("classes") or [f"class {i}" for i in range(len(sd["head.bias"]))]
-        hf.update(id2label=dict(enumerate(names)),
-                  label2id={name: i for i, name in enumerate(names)})
+        hf.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
     weights = _convert(canonical_weights(net.state_dict()), to_hf=True)
     try:
         from safetensors.torch import save_file
-        name = "model.safetensors"
-
-        def save(tmp):
-            save_file(weights, tmp, metadata={"format": "pt"})
+        name, save = "model.safetensors", lambda tmp: save_file(weights, tmp, metadata={"format": "pt"})
     except ImportError:  # transformers reads either file
-        name = "pytorch_model.bin"
-
-        def save(tmp):
-            torch.save(weights, tmp)
+        name, save = "pytorch_model.bin", lambda tmp: torch.save(weights, tmp)
     os.makedirs(out_dir, exist_ok=True)
     files = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, name)]
     atomic_write(files[0], lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
@@ -477,11 +438,9 @@ def export_huggingface(path, out_dir):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description="Export a checkpoint in the layout of HuggingFace transformers.")
+    parser = argparse.ArgumentParser(description="Export a checkpoint in the layout of HuggingFace transformers.")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), required=True,
-                        help="write OUT_DIR/config.json and the weights, "
-                             "for from_pretrained(OUT_DIR)")
+                        help="write OUT_DIR/config.json and the weights, for from_pretrained(OUT_DIR)")
     source, out = parser.parse_args().export
     if unwritable(out):
         parser.error(f"--export {source} {out}: {unwritable(out)}")
