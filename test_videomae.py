@@ -130,10 +130,12 @@ def scratch_target(video, tubelet, patch, norm=True):
     for ti in range(T // tubelet):
         for hi in range(H // patch):
             for wi in range(W // patch):
-                cube = px[:, :, ti * tubelet:(ti + 1) * tubelet, hi * patch:(hi + 1) * patch, wi * patch:(wi + 1) * patch]
+                cube = px[:, :, ti * tubelet:(ti + 1) * tubelet, hi * patch:(hi + 1) * patch,
+                          wi * patch:(wi + 1) * patch]
                 cube = cube.permute(0, 2, 3, 4, 1).reshape(B, -1, C)  # (B, t*h*w pixels, C)
                 if norm:
-                    cube = (cube - cube.mean(1, keepdim=True)) / (cube.var(1, unbiased=True, keepdim=True).sqrt() + 1e-6)
+                    std = cube.var(1, unbiased=True, keepdim=True).sqrt()
+                    cube = (cube - cube.mean(1, keepdim=True)) / (std + 1e-6)
                 rows.append(cube.reshape(B, -1))
     return torch.stack(rows, 1)  # (B, N, t*h*w*C)
 
@@ -1146,9 +1148,9 @@ def test_augmentations():
 
 def test_rand_augment_is_the_references():
     # rand_augment.py: the -inc1 list (_RAND_INCREASING_TRANSFORMS), in its order: 15 ops, Invert and SolarizeAdd in
-    assert finetune.RAND_OPS == ('autocontrast', 'equalize', 'invert', 'rotate', 'posterize', 'solarize', 'solarize_add',
-                                 'color', 'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x',
-                                 'translate_y')
+    assert finetune.RAND_OPS == ('autocontrast', 'equalize', 'invert', 'rotate', 'posterize', 'solarize',
+                                 'solarize_add', 'color', 'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y',
+                                 'translate_x', 'translate_y')
     assert finetune.parse_aa("rand-m7-n4-mstd0.5-inc1") == (7.0, 4, 0.5, True) and finetune.parse_aa("none") is None
     assert finetune.parse_aa("rand-m9-n2") == (9.0, 2, 0.0, False)
     x = np.arange(256)
@@ -1890,7 +1892,8 @@ def test_reconstruct_any_video_from_our_or_huggingfaces_weights(tmp_path, two_cl
                          if "reconstruction loss" in line]
 
     printed, losses = reconstruct(ckpt, tmp_path / "ours")  # no data set read; sizes and mask ratio from the file
-    assert "from the checkpoint: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2, --mask_ratio 0.75" in printed
+    assert ("from the checkpoint: --model tiny, --input_size 32, --num_frames 4, --sampling_rate 2, "
+            "--mask_ratio 0.75" in printed)
     assert "broken.avi: not a readable video" in printed and len(losses) == 2 and all(0 < x for x in losses[0])
     picture = cv2.imread(str(tmp_path / "ours" / "recon-0.png"))  # original / encoder input / rebuilt rows
     assert picture is not None and (tmp_path / "ours" / "recon-6.png").exists()
@@ -1903,7 +1906,8 @@ def test_reconstruct_any_video_from_our_or_huggingfaces_weights(tmp_path, two_cl
     torch.save({"model": MD.build_model("finetune", "tiny", num_classes=2).state_dict()}, vit)
     for argv, message in [(["--init", str(vit)], f"--init {vit} has no decoder, only an encoder"),
                           (["--init", str(tmp_path / "no.pth")], f"--init {tmp_path / 'no.pth'} is not a file"),
-                          (["--init", str(broken)], f"--init {broken} is no checkpoint: not written by torch.save, or cut short"),
+                          (["--init", str(broken)],
+                           f"--init {broken} is no checkpoint: not written by torch.save, or cut short"),
                           (["--init", str(ckpt), "--model", "small"], "holds a 'tiny' model (encoder 192 wide, 12 "
                            "blocks; decoder 96 wide, 4 blocks), this run builds 'small' (encoder 384 wide"),
                           ([], "--reconstruct needs pre-training weights to draw with: --init PATH")]:
@@ -1917,7 +1921,8 @@ def test_init_starts_a_fresh_run_from_pretraining_weights(tmp_path, two_classes,
     argv = ["--data_path", str(two_classes), *SMALL_RUN, "--epochs", "1", "--blr", "1e-9", "--save_ckpt_freq", "5"]
     pretrain.main(argv + ["--init", str(ckpt), "--output_dir", str(out)])
     assert f"--init: loaded 218/218 tensors, encoder and decoder, from {ckpt}" in capsys.readouterr().out
-    assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0] and read_log(out)[0]["config"]["init"] == str(ckpt)
+    assert ([r["epoch"] for r in read_log(out) if "epoch" in r] == [0]
+            and read_log(out)[0]["config"]["init"] == str(ckpt))
     start, end = (torch.load(f, weights_only=True) for f in (ckpt, out / "checkpoint-latest.pth"))
     for k in start["model"]:  # lr ~1e-9: every tensor, the decoder's too, still the loaded one
         torch.testing.assert_close(end["model"][k], start["model"][k], rtol=0, atol=1e-6)
@@ -1946,7 +1951,8 @@ def test_linear_probe_on_cached_features_and_features_npz(tmp_path, two_classes,
     (tmp_path / "broken.avi").write_bytes(b"not a video")
     for name in ("train.txt", "val.txt"):
         rows = [f"{two_classes / line}\n" for line in (two_classes / name).read_text().splitlines()]
-        (lists / name).write_text("".join(rows[:4] + [f"{tmp_path / 'broken.avi'} 0\n"] * (name == "train.txt") + rows[4:]))
+        broken_row = [f"{tmp_path / 'broken.avi'} 0\n"] * (name == "train.txt")
+        (lists / name).write_text("".join(rows[:4] + broken_row + rows[4:]))
     out = tmp_path / "probe"
     finetune.main(["--data_path", str(lists), "--features", "--linprobe", "--finetune", str(ckpt),
                    "--num_workers", "0", "--device", "cpu", "--output_dir", str(out)])
@@ -1956,7 +1962,8 @@ def test_linear_probe_on_cached_features_and_features_npz(tmp_path, two_classes,
     assert f"wrote {out / 'features.npz'}: 13 videos x 192 features, train 8, test 5" in printed
     saved = np.load(out / "features.npz")  # plain arrays: no pickle
     assert saved["features"].dtype == np.float32 and saved["features"].shape == (13, 192)
-    assert list(saved["split"]) == ["train"] * 8 + ["test"] * 5 and list(saved["labels"]) == [0] * 4 + [1] * 4 + [0] * 3 + [1] * 2
+    assert (list(saved["split"]) == ["train"] * 8 + ["test"] * 5
+            and list(saved["labels"]) == [0] * 4 + [1] * 4 + [0] * 3 + [1] * 2)
     assert saved["paths"][0].endswith("dark/0.avi") and saved["paths"][-1].endswith("bright/5.avi")
     code, line = refused(finetune, ["--data_path", str(two_classes), "--linprobe", "--device", "cpu"], capsys)
     assert code == 2 and "--linprobe reads a trained encoder: give it with --finetune PATH" in line
@@ -2315,9 +2322,11 @@ def test_bad_videos_are_named_once_per_run_and_too_many_stop_cleanly(tmp_path, t
     decodable = len(sequential(tmp_path / "cut.avi"))
     good = [f"{two_classes / line}" for line in (two_classes / "train.txt").read_text().splitlines()]
     lst = tmp_path / "train.txt"
-    lst.write_text("".join(f"{line}\n" for line in good + [f"{tmp_path}/{n} 0" for n in ("zero.avi", "text.mp4", "cut.avi")]))
+    broken_rows = [f"{tmp_path}/{n} 0" for n in ("zero.avi", "text.mp4", "cut.avi")]
+    lst.write_text("".join(f"{line}\n" for line in good + broken_rows))
     out = tmp_path / "run"
-    argv = ["--data_path", str(lst), *SMALL_RUN, "--num_workers", "2", "--save_ckpt_freq", "100", "--output_dir", str(out)]
+    argv = ["--data_path", str(lst), *SMALL_RUN, "--num_workers", "2", "--save_ckpt_freq", "100",
+            "--output_dir", str(out)]
     pretrain.main(argv + ["--epochs", "2"])  # 2 unreadable of 11: tolerated
     printed, err = capfd.readouterr()
     for name in ("zero.avi", "text.mp4"):
@@ -2335,7 +2344,8 @@ def test_bad_videos_are_named_once_per_run_and_too_many_stop_cleanly(tmp_path, t
     assert stop.value.code == 1 and "Traceback" not in err, err
     last = printed.strip().splitlines()[-1]
     assert last.startswith("stopping: 3 of 12 training videos are unreadable, more than the 2 tolerated: ")
-    assert all(str(tmp_path / name) in last for name in bad) and f"`python data.py --check {lst} --data_set list`" in last
+    assert (all(str(tmp_path / name) in last for name in bad)
+            and f"`python data.py --check {lst} --data_set list`" in last)
     assert last.endswith(f"the last good checkpoint is {out / 'checkpoint-latest.pth'}")
     assert torch.load(out / "checkpoint-latest.pth", weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in read_log(out) if "epoch" in r] == [0, 1]
@@ -2439,8 +2449,10 @@ pretrain.main(sys.argv[1:] + ["--output_dir", {str(pre)!r} if rank == "0" else {
     W.load_checkpoint(classifier, pre / "checkpoint-latest.pth", verbose=False)  # a head saved with it: --eval
     # refuses to test one that would start at random
     torch.save({"model": classifier.state_dict()}, tmp_path / "classifier.pth")
-    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", str(tmp_path / "classifier.pth"), "--eval"]
-    torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"), cwd=here)
+    views = ["--test_num_segment", "2", "--test_num_crop", "2", "--finetune", str(tmp_path / "classifier.pth"),
+             "--eval"]
+    torchrun("finetune.py", "--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "d"),
+             cwd=here)
     finetune.main(["--data_path", str(two_classes), *SMALL_RUN, *views, "--output_dir", str(tmp_path / "s")])
     ddp, single = read_log(tmp_path / "d")[-1]["test"], read_log(tmp_path / "s")[-1]["test"]
     assert ddp["num_videos"] == single["num_videos"] == 5
@@ -2476,7 +2488,8 @@ def test_sigkill_loses_at_most_the_current_epoch(tmp_path, two_classes):
 def test_ci_runs_the_readmes_test_line_as_written():
     import pathlib
     here = pathlib.Path(__file__).parent
-    line = next(l for l in (here / "README.md").read_text().splitlines() if l.startswith("pip install -r requirements-test"))
+    line = next(l for l in (here / "README.md").read_text().splitlines()
+                if l.startswith("pip install -r requirements-test"))
     assert line.split("#")[0].strip() in (here / ".ci" / "run").read_text().splitlines()
 
 
@@ -2498,11 +2511,13 @@ def test_bench_smoke_run_has_every_row(tmp_path):
                              ("step HF", "ms", "transformers"), ("peak memory ours / HF", "ratio", "transformers"),
                              ("ours bf16 / HF bf16", "ratio", "transformers"), ("ours bf16 / ours fp32", "ratio", None),
                              ("bf16 vs fp32 loss", "ratio", None), ("step finetune bf16", "ms", None),
-                             ("clips floor", "clips_per_s", None),
-                             ("clips reference", "clips_per_s", "decord"), ("clips ours: VideoDataset", "clips_per_s", None),
-                             ("num_sample=2, both", "clips_per_s", None), ("clips num_sample=2 / num_sample=1", "ratio", None),
+                             ("clips floor", "clips_per_s", None), ("clips reference", "clips_per_s", "decord"),
+                             ("clips ours: VideoDataset", "clips_per_s", None),
+                             ("num_sample=2, both", "clips_per_s", None),
+                             ("clips num_sample=2 / num_sample=1", "ratio", None),
                              ("clips ours / reference", "ratio", "decord"), ("clips ours / floor", "ratio", None),
-                             ("DataLoader, 1 worker", "clips_per_s", None), ("DataLoader, 2 workers", "clips_per_s", None)]:
+                             ("DataLoader, 1 worker", "clips_per_s", None),
+                             ("DataLoader, 2 workers", "clips_per_s", None)]:
         (row,) = [r for r in rows if part in r["name"]]
         if needs and missing[needs]:
             assert row["value"] == f"skipped: pip install {missing[needs]}", row
@@ -2609,7 +2624,8 @@ def test_a_recipe_keeps_its_videos_per_step_on_any_number_of_processes(tmp_path,
     root, _ = make_ucf101(tmp_path, ['ApplyEyeMakeup', 'Basketball'])
 
     def started(script, argv, world=1):  # parsed and set up as on `world` processes
-        monkeypatch.setattr(engine, "Context", lambda args: __import__("types").SimpleNamespace(world=world, print=print))
+        monkeypatch.setattr(engine, "Context",
+                            lambda args: __import__("types").SimpleNamespace(world=world, print=print))
         args = script.parse_args(argv)
         engine.setup(args)
         return args, capsys.readouterr().out
@@ -2637,7 +2653,8 @@ def test_recipe_is_written_at_the_top_of_the_log(tmp_path):
     pretrain.main(["--data_path", str(root), "--data_set", "UCF101", *SMALL_RUN, "--epochs", "1",
                    "--output_dir", str(out)])
     config = read_log(out)[0]["config"]
-    assert config["recipe"] == "UCF101" and (config["mask_ratio"], config["blr"], config["min_blr"]) == (0.75, 3e-4, 1e-5)
+    assert (config["recipe"] == "UCF101"
+            and (config["mask_ratio"], config["blr"], config["min_blr"]) == (0.75, 3e-4, 1e-5))
     assert config["save_ckpt_freq"] == 1 and config["warmup_epochs"] == 1  # given flags win
     assert math.isclose(config["lr"], 3e-4 * 2 / 256) and "mask_ratio" in config["recipe_defaults"]
     assert (config["recipe_videos"], config["videos_per_step"], config["accum_iter"]) == (192, 2, 1)  # as given
