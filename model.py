@@ -17,8 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 # Sizes: encoder width, depth, heads; decoder width, depth, heads. Released S and B runs used
 # decoder depth 4.
-_SIZES = ("embed_dim", "depth", "num_heads",
-          "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+_SIZES = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 PRESETS = {
     "mini": dict(zip(_SIZES, (192, 6, 3, 96, 2, 3))),  # the demo's
     "tiny": dict(zip(_SIZES, (192, 12, 3, 96, 4, 3))),
@@ -210,8 +209,10 @@ def split_tokens(mask, num_true=None):
 
 
 def gather(x, ids):
-    """The tokens of x (B, N, D) at ids (B, n), in that order: (B, n, D)."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """The tokens of x (B, N, D) at ids (B, n), in that order: (B, n, D), copied as whole rows."""
+    B, N, D = x.shape
+    rows = ids + N * torch.arange(B, device=ids.device).unsqueeze(1)  # row numbers in (B * N, D)
+    return x.reshape(B * N, D).index_select(0, rows.flatten()).view(B, ids.shape[1], D)
 
 
 class Encoder(nn.Module):
