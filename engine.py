@@ -94,7 +94,8 @@ def common_parser(doc, recipes, demo):
     arg("--latest_every", type=number(least=0), default=10, help="minutes between two writes of the newest "
         "checkpoint besides numbered and last epochs (a kill loses at most that); 0: every epoch")
     arg("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
-    arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast (default: bf16 on GPUs)")
+    arg("--dtype", choices=["bf16", "fp16", "fp32"], help="autocast (default: bf16 on GPUs, and in "
+        "pretrain.py's demo on CPUs with bf16 instructions; else fp32)")
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--grad_ckpt", action="store_true", help="gradient checkpointing: less memory, more time")
     arg("--seed", type=number(int, least=0), default=0)
@@ -133,6 +134,12 @@ def finish_args(parser, argv, recipes, demo):
     return args
 
 
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU has bf16 matrix instructions, AVX512-BF16 or AMX, by Linux's flags (elsewhere: no)."""
+    flags = open(cpuinfo).read().split() if os.path.isfile(cpuinfo) else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # ---------------------------------------------------------------------------------------- processes
 
 class Context:
@@ -164,8 +171,7 @@ def setup(args):
     if args.accum_iter is None:  # exact where per_pass divides the recipe's step, else the nearest
         args.accum_iter = max(round(recipe / per_pass), 1)
     args.videos_per_step = videos = per_pass * args.accum_iter
-    args.lr = args.blr * videos / 256
-    args.min_lr = args.min_blr * videos / 256
+    args.lr, args.min_lr = args.blr * videos / 256, args.min_blr * videos / 256
     name = "demo" if args.demo else args.recipe
     ctx.print(f"base lr {args.blr:.3g} x {videos} videos per step / 256 = lr {args.lr:.3g}, min_lr {args.min_lr:.3g} "
               f"({args.batch_size} videos x {ctx.world} processes x {args.accum_iter} accum; the {name} recipe: "
@@ -250,9 +256,7 @@ def autocast(args, ctx):
 def gradient_sync(model, sync):
     """DistributedDataParallel averages the gradients over processes in backward(); micro-batches
     before a step's last (--accum_iter) only add to them, without that exchange."""
-    if sync or not isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    return contextlib.nullcontext() if sync or not isinstance(model, DistributedDataParallel) else model.no_sync()
 
 
 # -------------------------------------------------------------------------- the epoch's bookkeeping
@@ -295,8 +299,7 @@ class Meter:
             self.run.bad_videos.add(index, substituted, truncated)
             self.substituted += int(substituted.sum())
             video = data.normalize(video.to(self.ctx.device, non_blocking=True).flatten(0, 1))
-            labels = labels.to(self.ctx.device, non_blocking=True)  # (pinned: no host sync)
-            labels = labels.repeat_interleave(self.args.num_sample)
+            labels = labels.to(self.ctx.device, non_blocking=True).repeat_interleave(self.args.num_sample)  # pinned
             self.clips += video.shape[0]
             yield video, labels, k == self.args.accum_iter - 1
 
@@ -327,10 +330,9 @@ class Meter:
         elapsed = time.perf_counter() - self.start
         totals = [self.loss_sum.item(), self.clips, self.substituted, self.batches_done]
         loss, clips, substituted, batches = all_sum(totals, self.ctx)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, on a CPU
         if self.ctx.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.ctx.device)
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"epoch": self.epoch, "loss": loss / batches, "lr": self.lr, "clips_per_s": clips / elapsed,
                 "clips_per_step": clips * self.args.accum_iter * self.ctx.world / batches,
                 "data_wait": self.wait / elapsed, "peak_mem_mb": round(peak / 2**20),
@@ -375,9 +377,7 @@ class BadVideos:
 
     def too_many(self, args, checkpoint):
         names = sorted(self.unreadable)
-        check = f"python data.py --check {args.data_path}"
-        if args.data_set:
-            check += f" --data_set {args.data_set}"
+        check = f"python data.py --check {args.data_path}" + (f" --data_set {args.data_set}" if args.data_set else "")
         last = checkpoint if os.path.exists(checkpoint) else "none (no epoch finished)"
         return (f"stopping: {len(names)} of {len(self.samples)} training videos are unreadable, "
                 f"more than the {self.limit} tolerated: {listed(names, 5)}; run `{check}` and remove or "
@@ -443,8 +443,7 @@ class Run:
         self.folder.save(ckpt, numbered=self.numbered(epoch))
         if picture and self.numbered(epoch) and self.ctx.main:
             picture(os.path.join(self.args.output_dir, f"recon-{epoch:04d}.png"))
-        figures = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()]
-        self.ctx.print(" ".join(figures))
+        self.ctx.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
 
     def close(self):
         leave_process_group()

@@ -121,7 +121,11 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         if queries:
             q = q[:, :, -queries:]
-        x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim^-0.5
+        if x.is_cpu:  # in fp32 under autocast: torch's bf16 attention backward on CPUs is 7x slower
+            with torch.autocast("cpu", enabled=False):  # (it would cast q, k, v back to bf16)
+                x = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
@@ -290,8 +294,7 @@ class Decoder(nn.Module):
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, dim), persistent=False)
 
     def forward(self, x, num_queries, grad_checkpointing=False):
-        """x (B, N_vis + num_queries, dim), the queries last -> their pixels (B, num_queries, P*C).
-        The visible tokens' outputs are never read: the last block computes the queries' only."""
+        """x (B, N_vis + num_queries, dim), the queries last -> their pixels (B, num_queries, P*C)."""
         x = run_blocks(self.blocks, x, grad_checkpointing, queries=num_queries)
         return self.head(self.norm(x))
 
@@ -438,12 +441,9 @@ def param_groups(model, weight_decay, layer_decay=None):
         if not p.requires_grad:
             continue
         decay = p.dim() >= 2 and name != "mask_token"
-        if name.startswith("patch_embed"):
-            layer = 0
-        elif name.startswith("blocks."):
+        layer = 0 if name.startswith("patch_embed") else depth + 1  # fc_norm, head: after the blocks
+        if name.startswith("blocks."):
             layer = int(name.split(".")[1]) + 1
-        else:
-            layer = depth + 1
         scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
         new = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
         groups.setdefault((decay, scale), new)["params"].append(p)

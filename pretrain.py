@@ -40,9 +40,10 @@ RECIPES = {
 # The demo: a 6-block model on 64-pixel clips held in memory, 300 epochs of its 300 training videos:
 # the length at which pre-training paid off on validation videos (README: data efficiency at demo
 # scale). Plain pixels: the picture then shows what the model itself rebuilds, colours included.
+# bf16 autocast on CPUs with bf16 instructions (0.84 of fp32's time here; README), as on GPUs.
 DEMO = dict(model="mini", input_size=64, num_frames=8, sampling_rate=4, batch_size=16, epochs=300,
             warmup_epochs=10, blr=2.4e-2, mask_ratio=0.75, num_sample=2, save_ckpt_freq=50,
-            no_norm_pix_loss=True, in_memory=True)
+            no_norm_pix_loss=True, in_memory=True, dtype="bf16" if engine.cpu_has_bf16() else None)
 
 
 def parse_args(argv=None):

@@ -120,6 +120,32 @@ def test_sdpa_attention_equals_plain_softmax_attention():
     torch.testing.assert_close(block(x, queries=4), block(x)[:, -4:], atol=1e-6, rtol=1e-6)
 
 
+def test_attention_on_a_cpu_runs_in_fp32_under_bf16_autocast(monkeypatch):
+    # torch's CPU attention backward in bf16 is 7x slower than in fp32; CPU autocast would cast q, k, v back to bf16
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: seen.append(q.dtype) or sdpa(q, k, v))
+    torch.manual_seed(0)
+    attn, x = MD.Attention(48, 3), torch.randn(2, 10, 48)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = attn(x)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16  # the projection after it: bf16 again
+    torch.testing.assert_close(out.float(), attn(x), atol=0.05, rtol=0.05)  # bf16's rounding of the same values
+
+
+def test_the_demo_pretrains_in_bf16_on_cpus_with_bf16_instructions(tmp_path, monkeypatch):
+    flags = {"avx512_bf16": True, "amx_bf16": True, "avx512f": False, "avx512_bf16x": False}
+    for flag, has in flags.items():
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flag} fma\n")
+        assert engine.cpu_has_bf16(tmp_path / "cpuinfo") is has, flag
+    assert engine.cpu_has_bf16(tmp_path / "none") is False  # no /proc/cpuinfo (macOS, Windows): fp32
+    assert pretrain.DEMO["dtype"] == ("bf16" if engine.cpu_has_bf16() else None)  # read at import
+    monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)
+    assert finetune.parse_args([]).dtype == "fp32"  # fine-tuning's demo: fp32 on every CPU
+    for has, dtype in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setitem(pretrain.DEMO, "dtype", "bf16" if has else None)  # as at import, by engine.cpu_has_bf16()
+        assert pretrain.parse_args([]).dtype == dtype and pretrain.parse_args(["--dtype", "fp16"]).dtype == "fp16"
+        assert pretrain.parse_args(["--data_path", str(tmp_path), "--data_set", "list"]).dtype == "fp32"  # real data
+
 def scratch_target(video, tubelet, patch, norm=True):
     """The reference's target, by the letter: unnormalise, cut tubelets, normalise each channel, flatten (t,h,w,c)."""
     mean = torch.tensor(MD.IMAGENET_MEAN).view(1, 3, 1, 1, 1)
@@ -2607,7 +2633,8 @@ def test_data_set_alone_gives_its_recipe_and_the_references_lr(tmp_path, monkeyp
     monkeypatch.setattr(plots, "make_demo_dataset", lambda path: tmp_path)  # no --data_path: the demo's own values
     for script in (pretrain, finetune):
         args = parsed_args(script, [], monkeypatch)
-        assert {k: vars(args)[k] for k in script.DEMO} == script.DEMO and args.min_blr == script.K400["min_blr"]
+        given = {k: v for k, v in script.DEMO.items() if v is not None}  # None: no value (bf16 where the CPU has it)
+        assert {k: vars(args)[k] for k in given} == given and args.min_blr == script.K400["min_blr"]
     # The reference's UCF101 fine-tuning flags, as its script spells them, on 8 GPUs: lr 5e-4 x 16 x 8 / 256
     monkeypatch.setattr(engine, "Context", lambda args: __import__("types").SimpleNamespace(world=8, print=print))
     args = parsed_args(finetune, ["--data_path", str(root), "--data_set", "UCF101", "--batch_size", "16",
