@@ -9,6 +9,7 @@ import re
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -136,7 +137,7 @@ def finish_args(parser, argv, recipes, demo):
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU has bf16 matrix instructions, AVX512-BF16 or AMX, by Linux's flags (elsewhere: no)."""
-    flags = open(cpuinfo).read().split() if os.path.isfile(cpuinfo) else []
+    flags = Path(cpuinfo).read_text().split() if os.path.isfile(cpuinfo) else []
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
